@@ -1,0 +1,241 @@
+"""Typed configuration: YAML file -> dotted `key=value` overrides -> frozen dataclasses.
+
+Order of precedence (later wins): dataclass defaults, `model.preset`, the YAML file, CLI overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxgpt.errors import JaxgptError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = ""  # one of PRESETS; sizes below override it when given explicitly
+    vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to a multiple of 64
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True
+    dtype: str = "float32"  # activations and matmul inputs
+    param_dtype: str = "float32"
+    attention: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "shakespeare"  # shakespeare | file:GLOB (or a plain path/glob) | tfds:NAME[/CONFIG]
+    tokenizer: str = "sentencepiece"  # char | sentencepiece | gpt2
+    vocab_size: int = 8192  # for sentencepiece
+    val_fraction: float = 0.1  # share of documents held out for validation
+    text_field: str = "text"  # for tfds sources
+    tfds_data_dir: str = ""  # for tfds sources; empty: the TFDS default
+    cache_dir: str = "~/.cache/jaxgpt"
+    max_documents: int = 0  # 0: all; caps large TFDS sources
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 16  # global batch, in sequences
+    grad_accum: int = 1  # micro-batches per step, inside the jitted step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_batches: int = 8
+    save_every: int = 500
+    log_every: int = 10
+    progress: bool = True  # tqdm bar
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    seed: int = 0
+
+
+# GPT-2 family sizes; the small ones fit a laptop CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50304),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50304),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50304),
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. `train.steps`."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for name in _fields(cls):
+        if dataclasses.is_dataclass(hints[name]):
+            keys += valid_keys(hints[name], f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str) -> JaxgptError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
+    return JaxgptError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML or CLI value to the field's type, or say which key got what."""
+    want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[typ]
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)  # CLI strings: "3" -> 3, "true" -> True, "1e-3" -> 0.001
+        except yaml.YAMLError:
+            pass
+        if typ is float and isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads "1e-3" as a string
+            except ValueError:
+                pass
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise JaxgptError(f"config key '{key}' expects {want}, got {value!r}")
+    return value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    flat = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise JaxgptError(f"override '{pair}' is not of the form key=value (e.g. train.steps=100)")
+        key, value = pair.split("=", 1)
+        flat[key.strip()] = value
+    return flat
+
+
+def build(flat: dict[str, Any]) -> Config:
+    """Build a Config from a flat {dotted key: value} dict, applying `model.preset` first."""
+    known = set(valid_keys())
+    for key in flat:
+        if key not in known:
+            raise _unknown_key(key)
+    preset = flat.get("model.preset", "")
+    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}, "mesh": {}}
+    if preset:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(preset, PRESETS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise JaxgptError(f"unknown model.preset '{preset}' (choose from {', '.join(PRESETS)}){hint}")
+        sections["model"].update(PRESETS[preset])
+    top: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for key, value in flat.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            typ = typing.get_type_hints(hints[section])[name]
+            sections[section][name] = _coerce(key, value, typ)
+        else:
+            top[key] = _coerce(key, value, hints[key])
+    return Config(
+        model=ModelConfig(**sections["model"]),
+        data=DataConfig(**sections["data"]),
+        train=TrainConfig(**sections["train"]),
+        mesh=MeshConfig(**sections["mesh"]),
+        **top,
+    )
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise JaxgptError(f"config file '{path}' not found; pass an existing YAML file to --config")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise JaxgptError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise JaxgptError(f"config file '{path}' must hold a mapping of sections (model:, data:, train:)")
+    return flatten(tree)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] = ()) -> Config:
+    """YAML file (optional) + overrides -> Config."""
+    flat = read_yaml(path) if path else {}
+    flat.update(parse_overrides(overrides) if isinstance(overrides, list | tuple) else dict(overrides))
+    return build(flat)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_json(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def read_json_flat(path: str | Path) -> dict[str, Any]:
+    return flatten(json.loads(Path(path).read_text()))
+
+
+def load_json(path: str | Path) -> Config:
+    return build(read_json_flat(path))
+
+
+def replace(cfg: Config, **flat: Any) -> Config:
+    """A copy with dotted keys replaced, e.g. replace(cfg, **{"model.vocab_size": 8192})."""
+    merged = flatten(to_dict(cfg))
+    merged.update(flat)
+    return build(merged)
+
+
+def dtype_of(name: str):
+    import jax.numpy as jnp
+
+    table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if name not in table:
+        raise JaxgptError(f"unknown dtype '{name}'; use one of {', '.join(table)}")
+    return table[name]
+

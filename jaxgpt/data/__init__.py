@@ -1,0 +1,1 @@
+"""Text sources, tokenizers and the tokenized-corpus batch stream."""

@@ -1,0 +1,248 @@
+"""GPT-2 as a functional Flax linen module.
+
+Shape letters used in names: B batch, T query length, S key length (the KV cache), D model width,
+H heads, K head width, F MLP width (4D), V vocabulary.
+
+Parameter names follow GPT-2's (wte, wpe, h_N/ln_1, attn/c_attn, attn/c_proj, ln_2, mlp/c_fc,
+mlp/c_proj, ln_f), so importing a GPT-2 checkpoint is a rename-and-reshape table. Every parameter
+carries logical axis names; `jaxgpt.sharding` maps them onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import ModelConfig, dtype_of
+
+Cache = dict[str, dict[str, jax.Array]]  # {"h_0": {"k": BxSxHxK, "v": BxSxHxK}, ...}
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+    """Contract the last `n_in` dims of x with the first `n_in` dims of the kernel, plus a bias."""
+
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    n_in: int = 1
+    std: float = 0.02
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(_normal(self.std), self.kernel_axes),
+            self.kernel_shape, self.param_dtype)
+        contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
+        contract_k = tuple(range(self.n_in))
+        # f32 accumulation even for bf16 inputs; the result goes back to the compute dtype.
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), ((contract_x, contract_k), ((), ())),
+            preferred_element_type=jnp.float32)
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.n_in:]),
+                self.kernel_shape[self.n_in:], self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (eps as in GPT-2)."""
+
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        D = x_BxTxD.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (D,),
+                           self.param_dtype)
+        x = x_BxTxD.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (D,),
+                              self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def attention_mask(T: int, S: int, cache_index, start_B: jax.Array | None) -> jax.Array:
+    """Bx1xTxS boolean: query t (at slot cache_index+t) sees key slots <= its own, not left padding."""
+    query_slot_T = cache_index + jnp.arange(T)
+    key_slot_S = jnp.arange(S)
+    mask_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+    if start_B is None:
+        return mask_TxS[None, None]
+    not_pad_BxS = key_slot_S[None, :] >= start_B[:, None]
+    return (mask_TxS[None] & not_pad_BxS[:, None, :])[:, None]
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, mask, cache, cache_index, deterministic):
+        cfg = self.cfg
+        H, D = cfg.n_head, cfg.n_embd
+        K = D // H
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        qkv_BxTx3xHxK = Linear((D, 3, H, K), ("embed", None, "heads", "kv"), use_bias=cfg.bias,
+                               dtype=dtype, param_dtype=pdtype, name="c_attn")(x_BxTxD)
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
+        new_cache = None
+        if cache is not None:
+            # Write this chunk's keys/values into the preallocated cache, then attend over all of it.
+            k_BxSxHxK = jax.lax.dynamic_update_slice(cache["k"], k_BxTxHxK.astype(cache["k"].dtype),
+                                                     (0, cache_index, 0, 0))
+            v_BxSxHxK = jax.lax.dynamic_update_slice(cache["v"], v_BxTxHxK.astype(cache["v"].dtype),
+                                                     (0, cache_index, 0, 0))
+            new_cache = {"k": k_BxSxHxK, "v": v_BxSxHxK}
+            k_BxTxHxK, v_BxTxHxK = k_BxSxHxK.astype(dtype), v_BxSxHxK.astype(dtype)
+        if cfg.dropout > 0 and not deterministic:
+            out_BxTxHxK = self._attend_with_dropout(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask)
+        else:
+            out_BxTxHxK = jax.nn.dot_product_attention(
+                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask, is_causal=mask is None,
+                implementation=None if cfg.attention == "xla" else cfg.attention)
+        y_BxTxD = Linear((H, K, D), ("heads", "kv", "embed"), n_in=2, std=0.02 / math.sqrt(2 * cfg.n_layer),
+                         use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, name="c_proj")(out_BxTxHxK)
+        y_BxTxD = nn.Dropout(cfg.dropout)(y_BxTxD, deterministic=deterministic)
+        return y_BxTxD, new_cache
+
+    def _attend_with_dropout(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask):
+        # jax.nn.dot_product_attention has no dropout, so training with attention dropout spells it out.
+        T, S, K = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1], q_BxTxHxK.shape[-1]
+        logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+                                    preferred_element_type=jnp.float32) / math.sqrt(K)
+        if mask is None:
+            mask = attention_mask(T, S, 0, None)
+        logits_BxHxTxS = jnp.where(mask, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
+        probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
+        probs_BxHxTxS = nn.Dropout(self.cfg.dropout)(probs_BxHxTxS, deterministic=False)
+        return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, deterministic):
+        cfg = self.cfg
+        D, F = cfg.n_embd, 4 * cfg.n_embd
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        h_BxTxF = Linear((D, F), ("embed", "mlp"), use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype,
+                         name="c_fc")(x_BxTxD)
+        h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)  # GPT-2's tanh GELU
+        y_BxTxD = Linear((F, D), ("mlp", "embed"), std=0.02 / math.sqrt(2 * cfg.n_layer), use_bias=cfg.bias,
+                         dtype=dtype, param_dtype=pdtype, name="c_proj")(h_BxTxF)
+        return nn.Dropout(cfg.dropout)(y_BxTxD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, mask, cache, cache_index, deterministic):
+        cfg = self.cfg
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        h_BxTxD = LayerNorm(cfg.bias, dtype, pdtype, name="ln_1")(x_BxTxD)
+        a_BxTxD, new_cache = CausalSelfAttention(cfg, name="attn")(h_BxTxD, mask, cache, cache_index, deterministic)
+        x_BxTxD = x_BxTxD + a_BxTxD
+        h_BxTxD = LayerNorm(cfg.bias, dtype, pdtype, name="ln_2")(x_BxTxD)
+        x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(h_BxTxD, deterministic)
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+        return x_BxTxD, new_cache
+
+
+class GPT(nn.Module):
+    """Decoder-only Transformer; returns (logits_BxTxV in float32, updated cache or None)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT: jax.Array, *, cache: Cache | None = None, cache_index: Any = 0,
+                 start_B: jax.Array | None = None, deterministic: bool = True,
+                 return_hidden: bool = False):
+        """`cache_index` is the cache slot of tokens_BxT[:, 0]; `start_B` counts left-padding slots per row."""
+        cfg = self.cfg
+        B, T = tokens_BxT.shape
+        V, D = cfg.vocab_size, cfg.n_embd
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        wte_VxD = self.param("wte", nn.with_logical_partitioning(_normal(0.02), ("vocab", "embed")), (V, D), pdtype)
+        wpe_PxD = self.param("wpe", nn.with_logical_partitioning(_normal(0.01), (None, "embed")),
+                             (cfg.block_size, D), pdtype)
+        slot_BxT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
+        positions_BxT = slot_BxT if start_B is None else jnp.maximum(slot_BxT - start_B[:, None], 0)
+        x_BxTxD = (wte_VxD[tokens_BxT] + wpe_PxD[positions_BxT]).astype(dtype)
+        x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=deterministic)
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+
+        S = T if cache is None else cache["h_0"]["k"].shape[1]
+        # Plain causal training uses is_causal (cuDNN flash attention takes it); anything else a mask.
+        mask = None if cache is None and start_B is None else attention_mask(T, S, cache_index, start_B)
+        new_cache = {} if cache is not None else None
+        for i in range(cfg.n_layer):
+            name = f"h_{i}"
+            x_BxTxD, layer_cache = Block(cfg, name=name)(
+                x_BxTxD, mask, None if cache is None else cache[name], cache_index, deterministic)
+            if cache is not None:
+                new_cache[name] = layer_cache
+        h_BxTxD = LayerNorm(cfg.bias, dtype, pdtype, name="ln_f")(x_BxTxD)
+        if return_hidden:
+            return h_BxTxD, new_cache
+        # Tied LM head; logits in float32 so the softmax and loss are.
+        logits_BxTxV = jnp.einsum("btd,vd->btv", h_BxTxD, wte_VxD.astype(dtype), preferred_element_type=jnp.float32)
+        return logits_BxTxV, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+    """Zeroed keys/values for every layer: BxSxHxK each."""
+    K = cfg.n_embd // cfg.n_head
+    shape = (batch, length, cfg.n_head, K)
+    dtype = dtype or dtype_of(cfg.dtype)
+    return {f"h_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for i in range(cfg.n_layer)}
+
+
+def validate(cfg: ModelConfig) -> None:
+    from jaxgpt.errors import JaxgptError
+
+    if cfg.n_embd % cfg.n_head:
+        raise JaxgptError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})")
+    if min(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) <= 0:
+        raise JaxgptError("model.n_layer, n_head, n_embd, block_size and vocab_size must all be positive")
+    if not 0 <= cfg.dropout < 1:
+        raise JaxgptError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.attention not in ("xla", "cudnn"):
+        raise JaxgptError(f"model.attention must be 'xla' or 'cudnn', got '{cfg.attention}'")
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+    """Unboxed parameter pytree (plain arrays)."""
+    validate(cfg)
+    tokens = jnp.zeros((1, min(cfg.block_size, 8)), jnp.int32)
+    return nn.unbox(GPT(cfg).init(rng, tokens)["params"])
+
+
+def param_count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/nanoGPT estimate."""
+    T = seq_len or cfg.block_size
+    D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    matmul_params = L * 12 * D * D + V * D  # blocks + tied LM head
+    return 6 * matmul_params + 12 * L * D * T

@@ -1,0 +1,62 @@
+"""A run dir holds everything a run needs to resume or serve: config.json, tokenizer/, checkpoints/."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from jaxgpt import config as config_lib
+from jaxgpt.config import Config
+from jaxgpt.data import corpus, tokenizers
+from jaxgpt.errors import JaxgptError
+
+# Keys that may change when a run is resumed; everything else must match what it was trained with.
+RESUMABLE_SECTIONS = ("train", "mesh")
+
+
+def config_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "config.json"
+
+
+def resolve_config(run_dir: Path, new: Config | None) -> Config:
+    """The config to run with: the new one, checked against what the run dir was started with."""
+    saved_file = config_path(run_dir)
+    if not saved_file.is_file():
+        if new is None:
+            raise JaxgptError(f"'{run_dir}' is not a jaxgpt run dir (no config.json); pass --config to start one")
+        return new
+    saved = config_lib.load_json(saved_file)
+    if new is None:
+        return saved
+    for section in ("model", "data"):
+        old_s, new_s = getattr(saved, section), getattr(new, section)
+        for f in dataclasses.fields(old_s):
+            a, b = getattr(old_s, f.name), getattr(new_s, f.name)
+            if a != b and not (section == "model" and f.name in ("vocab_size", "preset")):
+                raise JaxgptError(f"run dir '{run_dir}' was started with {section}.{f.name}={a!r}, not {b!r}; "
+                                  "use the same value to resume or a new --run-dir")
+    if new.seed != saved.seed:
+        raise JaxgptError(f"run dir '{run_dir}' was started with seed={saved.seed}; resume with the same seed")
+    return dataclasses.replace(new, model=saved.model)
+
+
+def tokenizer_for(cfg: Config, run_dir: Path) -> tokenizers.Tokenizer:
+    """The run's tokenizer: loaded from the run dir, or built from the corpus and saved there."""
+    folder = Path(run_dir) / "tokenizer"
+    if (folder / "tokenizer.json").is_file():
+        return tokenizers.load(folder)
+    # A char vocabulary must cover validation text too; learned vocabularies see training text only.
+    splits = ("train", "val") if cfg.data.tokenizer == "char" else ("train",)
+    tok = tokenizers.train(cfg.data.tokenizer, corpus.tokenizer_texts(cfg.data, splits), cfg.data.vocab_size)
+    tok.save(folder)
+    return tok
+
+
+def with_vocab(cfg: Config, tok: tokenizers.Tokenizer) -> Config:
+    """Set model.vocab_size from the tokenizer (rounded up to a multiple of 64 for fast matmuls)."""
+    if cfg.model.vocab_size == 0:
+        return config_lib.replace(cfg, **{"model.vocab_size": -(-tok.vocab_size // 64) * 64})
+    if cfg.model.vocab_size < tok.vocab_size:
+        raise JaxgptError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"({tok.vocab_size}); set model.vocab_size=0 to size it from the tokenizer")
+    return cfg

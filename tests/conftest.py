@@ -1,0 +1,33 @@
+"""Shared fixtures: a small real-text corpus made from CPython's own reference prose (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import pydoc_data.topics
+import pytest
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """Twelve plain-text documents of English prose (~15 KB each)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    topics = pydoc_data.topics.topics
+    texts = [topics[k] for k in sorted(topics)]
+    for i in range(12):
+        chunk = "\n\n".join(texts[i::12])[:15000]
+        (folder / f"doc{i:02d}.txt").write_text(chunk, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def tiny_overrides(corpus_dir, tmp_path):
+    """Overrides for a seconds-long training run on the test corpus."""
+    return {
+        "model.preset": "tiny", "model.block_size": 32, "data.source": f"file:{corpus_dir}/*.txt",
+        "data.tokenizer": "char", "data.cache_dir": str(tmp_path / "cache"), "train.steps": 30,
+        "train.batch_size": 8, "train.lr": 3e-3, "train.warmup_steps": 5, "train.eval_every": 10,
+        "train.eval_batches": 2, "train.save_every": 10, "train.log_every": 1, "train.progress": False,
+    }
