@@ -12,7 +12,7 @@ from jaxgpt import rundir
 from jaxgpt.config import Config
 from jaxgpt.data import tokenizers
 from jaxgpt.generate import SamplingParams, generate_ids
-from jaxgpt.model import GPT, init_params, param_count
+from jaxgpt.model import GPT, init_params, param_count, unstack_layers
 
 
 class LanguageModel:
@@ -61,6 +61,9 @@ def load(run_dir: str | Path, checkpoint: str = "best") -> LanguageModel:
     shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
     params, step = restore_params(run_dir, abstract, checkpoint)
+    if cfg.model.scan_layers:  # decoding runs unrolled layers
+        params = unstack_layers(params, cfg.model.n_layer)
+        cfg = config_lib.replace(cfg, **{"model.scan_layers": False})
     return LanguageModel(cfg, params, tok, step)
 
 

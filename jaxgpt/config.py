@@ -31,6 +31,8 @@ class ModelConfig:
     dtype: str = "float32"  # activations and matmul inputs
     param_dtype: str = "float32"
     attention: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs)
+    remat: str = "none"  # none | full | dots_saveable: recompute activations in the backward pass
+    scan_layers: bool = False  # nn.scan over blocks: compile time independent of depth
 
 
 @dataclass(frozen=True)

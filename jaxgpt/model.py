@@ -101,6 +101,7 @@ class CausalSelfAttention(nn.Module):
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         qkv_BxTx3xHxK = Linear((D, 3, H, K), ("embed", None, "heads", "kv"), use_bias=cfg.bias,
                                dtype=dtype, param_dtype=pdtype, name="c_attn")(x_BxTxD)
+        qkv_BxTx3xHxK = nn.with_logical_constraint(qkv_BxTx3xHxK, ("batch", "length", None, "heads", "kv"))
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
         new_cache = None
         if cache is not None:
@@ -167,6 +168,25 @@ class Block(nn.Module):
         return x_BxTxD, new_cache
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class _ScanStep(nn.Module):
+    """One block as a scan step: (x, broadcast mask) -> (x, nothing)."""
+
+    block: Any
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD, mask):
+        x_BxTxD, _ = self.block(self.cfg, name="block")(x_BxTxD, mask, None, 0, self.deterministic)
+        return x_BxTxD, None
+
+
 class GPT(nn.Module):
     """Decoder-only Transformer; returns (logits_BxTxV in float32, updated cache or None)."""
 
@@ -193,10 +213,19 @@ class GPT(nn.Module):
         S = T if cache is None else cache["h_0"]["k"].shape[1]
         # Plain causal training uses is_causal (cuDNN flash attention takes it); anything else a mask.
         mask = None if cache is None and start_B is None else attention_mask(T, S, cache_index, start_B)
+        block = Block if cfg.remat == "none" else nn.remat(
+            Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(5,))  # arg 5 (self = 0): deterministic
         new_cache = {} if cache is not None else None
-        for i in range(cfg.n_layer):
+        if cfg.scan_layers:
+            if cache is not None:
+                raise ValueError("decoding needs unrolled layers: load the params through unstack_layers()")
+            scanned = nn.scan(_ScanStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast,), length=cfg.n_layer,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxTxD, _ = scanned(block, cfg, deterministic, name="h")(x_BxTxD, mask)
+        for i in range(0 if cfg.scan_layers else cfg.n_layer):
             name = f"h_{i}"
-            x_BxTxD, layer_cache = Block(cfg, name=name)(
+            x_BxTxD, layer_cache = block(cfg, name=name)(
                 x_BxTxD, mask, None if cache is None else cache[name], cache_index, deterministic)
             if cache is not None:
                 new_cache[name] = layer_cache
@@ -227,6 +256,8 @@ def validate(cfg: ModelConfig) -> None:
         raise JaxgptError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.attention not in ("xla", "cudnn"):
         raise JaxgptError(f"model.attention must be 'xla' or 'cudnn', got '{cfg.attention}'")
+    if cfg.remat not in ("none", *REMAT_POLICIES):
+        raise JaxgptError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got '{cfg.remat}'")
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array):
@@ -246,3 +277,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     matmul_params = L * 12 * D * D + V * D  # blocks + tied LM head
     return 6 * matmul_params + 12 * L * D * T
+
+
+def unstack_layers(params, n_layer: int):
+    """Scanned params ({"h": {"block": stacked}}) -> the unrolled layout (h_0 ... h_{L-1})."""
+    if "h" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "h"}
+    for i in range(n_layer):
+        out[f"h_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["h"]["block"])
+    return out
+
+
+def stack_layers(params, n_layer: int):
+    """The unrolled layout -> scanned params (layers stacked on a leading axis)."""
+    if "h" in params:
+        return params
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    out["h"] = {"block": jax.tree.map(lambda *a: jnp.stack(a), *(params[f"h_{i}"] for i in range(n_layer)))}
+    return out

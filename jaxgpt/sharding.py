@@ -28,6 +28,7 @@ RULES = (
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
+    ("layers", None),
 )
 
 
@@ -69,17 +70,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
     """This host's rows -> one global array per key, laid out along the batch axes."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_size, *v.shape[1:]))
+            for k, v in local_batch.items()}
 
 
-def host_rows(global_batch_size: int) -> slice:
-    """The rows of every global batch that this process loads."""
-    n, i = jax.process_count(), jax.process_index()
-    if global_batch_size % n:
-        raise JaxgptError(f"train.batch_size ({global_batch_size}) must be divisible by the number of hosts ({n})")
-    per_host = global_batch_size // n
-    return slice(i * per_host, (i + 1) * per_host)
-
+def host_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of every global batch that this process's devices hold (and so the rows it loads)."""
+    if global_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise JaxgptError(f"train.batch_size ({global_batch_size}) must be divisible by mesh.data x mesh.fsdp "
+                          f"({mesh.shape['data']} x {mesh.shape['fsdp']})")
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, 1))
+    rows = sorted({(idx[0].start or 0, idx[0].stop or global_batch_size) for idx in index_map.values()})
+    lo, hi = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != hi - lo:
+        raise JaxgptError("this mesh gives a host non-contiguous batch rows; order the devices by host")
+    return slice(lo, hi)

@@ -6,7 +6,6 @@ dropout are pure functions of (seed, step), the resumed run reproduces the unint
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from pathlib import Path
@@ -18,17 +17,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
-from jaxgpt import rundir, sharding
+from jaxgpt import distributed, rundir, sharding
 from jaxgpt.config import Config, TrainConfig
 from jaxgpt.data import corpus
 from jaxgpt.errors import JaxgptError
-from jaxgpt.model import GPT, flops_per_token, param_count, validate
+from jaxgpt.model import flops_per_token, param_count, validate
 from jaxgpt.perf import peak_flops_per_device
 from jaxgpt.train.checkpoint import Checkpointer
 from jaxgpt.train.metrics_log import MetricsLog
-from jaxgpt.train.optimizer import make_optimizer, schedule
+from jaxgpt.train import sharded
 from jaxgpt.train.signals import StopRequest
-from jaxgpt.train.step import init_state, make_eval_step, make_pretrain_step
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -50,6 +48,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = rundir.resolve_config(self.run_dir, cfg)
         check_train_config(cfg.train)
+        # Process 0 fits the tokenizer into the (shared) run dir; the other hosts then read it.
+        if jax.process_index() == 0:
+            rundir.tokenizer_for(cfg, self.run_dir)
+        distributed.barrier("tokenizer")
         tok = rundir.tokenizer_for(cfg, self.run_dir)
         cfg = rundir.with_vocab(cfg, tok)
         validate(cfg.model)
@@ -59,30 +61,16 @@ class Trainer:
             config_lib.save_json(cfg, rundir.config_path(self.run_dir))
 
         self.mesh = sharding.make_mesh(cfg.mesh)
-        self.model = GPT(cfg.model)
-        tx = make_optimizer(cfg.train)
         self.init_rng, self.dropout_rng = jax.random.split(jax.random.key(cfg.seed))
-        boxed = jax.eval_shape(functools.partial(init_state, self.model, tx), self.init_rng)
-        self.state_shardings = sharding.logical_shardings(boxed, self.mesh)
-        self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                           nn.unbox(boxed), self.state_shardings)
-        batch_shardings = {"x": sharding.batch_sharding(self.mesh), "y": sharding.batch_sharding(self.mesh)}
-        replicated = sharding.replicated(self.mesh)
-        self.init_fn = jax.jit(lambda rng: nn.unbox(init_state(self.model, tx, rng)),
-                               out_shardings=self.state_shardings)
-        self.step_fn = jax.jit(make_pretrain_step(self.model, tx, schedule(cfg.train), cfg.train.grad_accum),
-                               in_shardings=(self.state_shardings, batch_shardings, replicated),
-                               out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-        self.eval_fn = jax.jit(make_eval_step(self.model),
-                               in_shardings=(self.state_shardings["params"], batch_shardings),
-                               out_shardings=replicated)
-        rows = sharding.host_rows(cfg.train.batch_size)
+        self.fns = sharded.build(cfg.model, cfg.train, self.mesh, self.init_rng)
+        rows = sharding.host_rows(self.mesh, cfg.train.batch_size)
         T, B = cfg.model.block_size, cfg.train.batch_size
         self.train_batches = corpus.WindowSampler(self.data.train, T, B, cfg.seed, rows, "train")
         self.val_batches = corpus.WindowSampler(self.data.val, T, B, cfg.seed + 1, rows, "validation")
 
     def evaluate(self, params) -> float:
-        losses = [self.eval_fn(params, sharding.global_batch(self.val_batches(i), self.mesh))
+        B = self.cfg.train.batch_size
+        losses = [self.fns.eval(params, sharding.global_batch(self.val_batches(i), self.mesh, B))
                   for i in range(self.cfg.train.eval_batches)]
         return float(np.mean(jax.device_get(losses)))
 
@@ -91,9 +79,9 @@ class Trainer:
         ckpt = Checkpointer(self.run_dir)
         try:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES), StopRequest() as stop:
-                state = ckpt.restore_latest(self.abstract_state)
+                state = ckpt.restore_latest(self.fns.abstract_state)
                 if state is None:
-                    state = self.init_fn(self.init_rng)
+                    state = self.fns.init(self.init_rng)
                 start = int(state["step"])
                 if start >= tc.steps:
                     print(f"run dir already trained to step {start} (train.steps={tc.steps}); "
@@ -121,8 +109,8 @@ class Trainer:
         try:
             for step in range(start, tc.steps):
                 t0 = time.perf_counter()
-                batch = sharding.global_batch(next(stream), self.mesh)
-                state, metrics = self.step_fn(state, batch, self.dropout_rng)
+                batch = sharding.global_batch(next(stream), self.mesh, tc.batch_size)
+                state, metrics = self.fns.step(state, batch, self.dropout_rng)
                 loss = float(metrics["loss"])  # one host sync per step also guards against NaN at once
                 window_time += time.perf_counter() - t0
                 window_steps += 1
@@ -131,7 +119,8 @@ class Trainer:
                     raise JaxgptError(f"training loss became {loss} at step {done}; stopped without saving it "
                                       f"(the run dir keeps its last good checkpoint). Lower train.lr or raise "
                                       "train.warmup_steps, then run the same command to resume")
-                is_last = done == tc.steps or stop.requested
+                stopping = distributed.any_process(stop.requested)
+                is_last = done == tc.steps or stopping
                 record: dict[str, Any] = {}
                 if done % tc.log_every == 0 or done % tc.eval_every == 0 or is_last:
                     tps = window_steps * tokens_per_step / window_time
@@ -149,9 +138,10 @@ class Trainer:
                 if done % tc.save_every == 0 or is_last:
                     ckpt.save(done, state, record["val_loss"])
                 bar.update(1)
-                if stop.requested:
+                if stopping:
                     if is_main:
-                        print(f"\n{stop.signal_name}: saved step {done}; run the same command to resume")
+                        print(f"\n{stop.signal_name or 'stop on another host'}: saved step {done}; "
+                              "run the same command to resume")
                     break
         finally:
             bar.close()
