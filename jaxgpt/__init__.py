@@ -5,8 +5,9 @@ Attributes load lazily so `import jaxgpt` stays cheap and the CLI can set XLA fl
 
 __version__ = "0.1.0"
 
-_LAZY = {"load": "jaxgpt.api", "LanguageModel": "jaxgpt.api", "train": "jaxgpt.train.loop",
-         "Config": "jaxgpt.config", "GPT": "jaxgpt.model", "JaxgptError": "jaxgpt.errors"}
+# Training lives in the `jaxgpt.train` subpackage: `from jaxgpt.train import train`.
+_LAZY = {"load": "jaxgpt.api", "LanguageModel": "jaxgpt.api", "Config": "jaxgpt.config", "GPT": "jaxgpt.model", "JaxgptError": "jaxgpt.errors",
+         "from_pretrained": "jaxgpt.convert.hf"}
 
 
 def __getattr__(name):

@@ -163,7 +163,9 @@ class GPT2Tokenizer:
         _write_meta(folder, {"kind": self.kind})
 
     def fingerprint(self) -> str:
-        return "gpt2-bpe-50257"
+        import hashlib
+
+        return hashlib.sha256(self.files[0].read_bytes() + self.files[1].read_bytes()).hexdigest()
 
 
 def _write_meta(folder: Path, meta: dict) -> None:

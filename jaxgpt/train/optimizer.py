@@ -23,7 +23,8 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay,
-                             mask=decay_mask))
-    return optax.chain(*parts)
+    # Clipping is always in the chain (inf = off) so the optimizer state keeps one structure and a run
+    # can be resumed with a different train.grad_clip.
+    clip = optax.clip_by_global_norm(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    adamw = optax.adamw(schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(clip, adamw)
