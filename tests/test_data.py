@@ -15,7 +15,7 @@ def test_bundled_shakespeare_renders_plays():
     assert len(files) == 38
     text = sources.render_play(files[0].read_text())
     assert "THESEUS:\nNow, fair Hippolyta, our nuptial hour\n" in text
-    assert "**" not in text and "  \n" not in text
+    assert "**" not in text and "_" not in text and "  \n" not in text
 
 
 def test_validation_split_is_by_document(tmp_path, corpus_dir):

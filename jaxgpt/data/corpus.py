@@ -26,7 +26,7 @@ from jaxgpt.data import sources
 from jaxgpt.data.tokenizers import Tokenizer
 from jaxgpt.errors import JaxgptError
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # bump when sources render text differently
 
 
 @dataclass

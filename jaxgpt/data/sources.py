@@ -51,7 +51,7 @@ def render_play(markdown: str) -> str:
             lines.append(speaker.group(1) + ":")
             continue
         line = re.sub(r"^#+\s*", "", line)  # headings: title, ACT, SCENE
-        line = re.sub(r"^_(.*)_$", r"\1", line)  # stage directions
+        line = line.replace("_", "")  # stage directions are _italic_, sometimes over several lines
         lines.append(line)
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
