@@ -62,6 +62,10 @@ def _train(args) -> None:
             saved = config_lib.read_json_flat(os.path.join(args.run_dir, "config.json"))
             cfg = config_lib.load(None, {**saved, **config_lib.parse_overrides(args.overrides)})
     summary = train(cfg, args.run_dir)
+    import jax
+
+    if jax.process_index() != 0:
+        return
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()
              if k in ("step", "train_loss", "val_loss", "tokens_per_sec")}
     print(f"done: {shown}; run dir {args.run_dir}")

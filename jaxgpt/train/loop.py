@@ -121,15 +121,16 @@ class Trainer:
                                       "train.warmup_steps, then run the same command to resume")
                 stopping = distributed.any_process(stop.requested)
                 is_last = done == tc.steps or stopping
+                evaluate = done % tc.eval_every == 0 or done % tc.save_every == 0 or is_last
                 record: dict[str, Any] = {}
-                if done % tc.log_every == 0 or done % tc.eval_every == 0 or is_last:
+                if done % tc.log_every == 0 or evaluate:
                     tps = window_steps * tokens_per_step / window_time
                     record = {"step": done, "train_loss": loss, "lr": float(metrics["lr"]),
                               "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tps,
                               "mfu": flops_per_step * window_steps / window_time / (peak * jax.device_count())}
                     window_time, window_steps = 0.0, 0
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.0f}%")
-                if done % tc.eval_every == 0 or is_last or done % tc.save_every == 0:
+                if evaluate:
                     record["val_loss"] = self.evaluate(state["params"])
                     summary["val_loss"] = record["val_loss"]
                 if record:
