@@ -21,6 +21,8 @@ Run:
   python scripts/bench_train.py --workload gpt2-124m --torch
   python scripts/bench_train.py --workload small --xla-flags="--xla_cpu_experimental_ynn_fusion_type="
   python scripts/bench_train.py --workload small --xla-sweep    # alternates several XLA_FLAGS sets
+  python scripts/bench_train.py --workload gpt2-124m --dtype bfloat16 --remat dots_saveable --scan-layers
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_train.py --mesh 2,2,2
 Prints a table, then one line `JSON {...}` with every number (also written to --json-out FILE).
 """
 
@@ -117,33 +119,40 @@ def median(xs):
 # ----------------------------------------------------------------------------------------------------------
 # Workers
 
-def jax_worker(wl: dict, seed: int = 0) -> None:
+def jax_worker(wl: dict, opts: dict, seed: int = 0) -> None:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import linen as nn
 
-    from jaxgpt.config import ModelConfig, TrainConfig
-    from jaxgpt.model import GPT, flops_per_token, param_count
-    from jaxgpt.perf import measured_matmul_flops
-    from jaxgpt.train.optimizer import make_optimizer, schedule
-    from jaxgpt.train.step import init_state, make_pretrain_step
+    from jaxgpt import sharding
+    from jaxgpt.config import MeshConfig, ModelConfig, TrainConfig
+    from jaxgpt.model import flops_per_token, param_count
+    from jaxgpt.perf import measured_matmul_flops, peak_flops_per_device
+    from jaxgpt.train import sharded
 
     cfg = ModelConfig(vocab_size=wl["vocab_size"], block_size=wl["block_size"], n_layer=wl["n_layer"],
-                      n_head=wl["n_head"], n_embd=wl["n_embd"], dropout=0.0, dtype="float32")
+                      n_head=wl["n_head"], n_embd=wl["n_embd"], dropout=0.0, dtype=opts["dtype"],
+                      remat=opts["remat"], scan_layers=opts["scan_layers"], attention=opts["attention"])
     tcfg = TrainConfig(steps=10_000, batch_size=wl["batch"], warmup_steps=10)
-    model, tx = GPT(cfg), make_optimizer(tcfg)
-    state = nn.unbox(init_state(model, tx, jax.random.key(seed)))
-    jax.block_until_ready(state)
-    step = jax.jit(make_pretrain_step(model, tx, schedule(tcfg), 1), donate_argnums=0)
+    mesh_shape = [int(v) for v in opts["mesh"].split(",")]
+    n_dev = int(np.prod([v for v in mesh_shape if v > 0])) if -1 not in mesh_shape else jax.device_count()
+    mesh = sharding.make_mesh(MeshConfig(*mesh_shape), jax.devices()[:n_dev])
+    rng = jax.random.key(seed)
+    fns = sharded.build(cfg, tcfg, mesh, rng)
     rs = np.random.default_rng(seed)
     B, T = wl["batch"], wl["block_size"]
-    batches = [{k: jnp.asarray(rs.integers(0, cfg.vocab_size, (B, T), dtype=np.int32)) for k in "xy"}
-               for _ in range(2)]
-    rng = jax.random.key(1)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        state = fns.init(rng)
+        batches = [sharding.global_batch({k: rs.integers(0, cfg.vocab_size, (B, T), dtype=np.int32) for k in "xy"},
+                                         mesh, B) for _ in range(2)]
+    jax.block_until_ready(state)
+    step = fns.step
+    # Accelerators: MFU against the vendor bf16 peak of every device; CPUs: the fp32 matmul measured here.
+    accel_peak = None if jax.default_backend() == "cpu" else peak_flops_per_device()[0] * mesh.size
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batches[0], rng).compile()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        compiled = step.lower(state, batches[0], rng).compile()
     compile_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     state, metrics = compiled(state, batches[0], rng)
@@ -168,7 +177,7 @@ def jax_worker(wl: dict, seed: int = 0) -> None:
            "compile_s": compile_s, "first_run_s": first_run_s, "first_step_s": compile_s + first_run_s,
            "rss_after_setup_mib": peak_rss_mib(), "tokens_per_step": B * T})
     serve({"run": lambda a: run(a["steps"]),
-           "peak": lambda a: {"flops": measured_matmul_flops(a.get("n", 2048), jnp.float32)}})
+           "peak": lambda a: {"flops": accel_peak or measured_matmul_flops(a.get("n", 2048))}})
 
 
 def torch_model(wl: dict, threads: int):
@@ -251,7 +260,8 @@ def bench_workload(name: str, args) -> dict:
     steps = args.steps or wl["steps"]
     rounds = args.rounds or wl["rounds"]
     script = os.path.abspath(__file__)
-    common = ["--workload", name]
+    common = ["--workload", name, "--mesh", args.mesh, "--dtype", args.dtype, "--remat", args.remat,
+              "--attention", args.attention] + (["--scan-layers"] if args.scan_layers else [])
     specs = []  # (label, kind, xla flags)
     if args.xla_sweep:
         specs += [(label, "jax", (args.xla_flags + " " + f).strip()) for label, f in XLA_SWEEP.items()]
@@ -286,7 +296,8 @@ def bench_workload(name: str, args) -> dict:
 
     peak = median(peaks)
     fpt = workers[0].ready["flops_per_token"]
-    res = {"workload": name, "config": {k: v for k, v in wl.items() if k not in ("steps", "rounds", "warmup")},
+    res = {"workload": name, "options": {k: getattr(args, k) for k in ("mesh", "dtype", "remat", "scan_layers")},
+           "config": {k: v for k, v in wl.items() if k not in ("steps", "rounds", "warmup")},
            "steps_per_round": steps, "rounds": rounds, "peak_fp32_matmul_flops": peak,
            "peak_samples": peaks, "flops_per_token": fpt, "frameworks": {}}
     for w in workers:
@@ -351,12 +362,19 @@ def main() -> None:
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS of the jaxgpt worker(s)")
     p.add_argument("--xla-sweep", action="store_true", help=f"alternate jaxgpt under {', '.join(XLA_SWEEP)}")
     p.add_argument("--json-out", default="", help="also write the JSON result here")
+    p.add_argument("--mesh", default="1,1,1", help="jaxgpt mesh data,fsdp,tensor (-1: the rest of the devices)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="jaxgpt compute dtype")
+    p.add_argument("--remat", default="none", choices=["none", "dots_saveable", "full"])
+    p.add_argument("--scan-layers", action="store_true")
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
         wl = WORKLOADS[args.workload]
-        jax_worker(wl) if args.worker == "jax" else torch_worker(wl, args.threads)
+        opts = {"mesh": args.mesh, "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan_layers,
+                "attention": args.attention}
+        jax_worker(wl, opts) if args.worker == "jax" else torch_worker(wl, args.threads)
         return
 
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
