@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -11,7 +12,10 @@ from jaxgpt import config as config_lib
 from jaxgpt import rundir
 from jaxgpt.config import Config
 from jaxgpt.data import tokenizers
-from jaxgpt.generate import SamplingParams, generate_ids
+from jaxgpt.chat import ChatSession
+from jaxgpt.errors import JaxgptError
+from jaxgpt.generate import SamplingParams, generate_ids, stream_ids
+from jaxgpt.perplexity import PerplexityResult, perplexity
 from jaxgpt.model import GPT, init_params, param_count, unstack_layers
 
 
@@ -26,16 +30,95 @@ class LanguageModel:
         return param_count(self.params)
 
     def generate(self, prompt: str | list[str], max_new_tokens: int = 100, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: str | list[str] | None = None
-                 ) -> str | list[str]:
-        """Continue `prompt` (a string, or a list of strings sampled as one batch); returns new text only."""
+                 top_k: int = 0, top_p: float = 1.0, seed: int | list[int] = 0, stop: str | list[str] | None = None,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
+                 num_beams: int = 1, stream: bool = False, slide: bool = False):
+        """Continue `prompt` (a string, or a list of strings sampled as one batch); returns new text only.
+
+        `seed` may be a list (one per prompt). `stop` strings end a row early and are cut from its text.
+        `num_beams` > 1 runs beam search (deterministic). `stream=True` returns an iterator of text pieces
+        (lists of pieces for a list of prompts). `slide=True` generates past block_size by sliding the window.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self.tokenizer.encode(p) for p in prompts]
-        new_ids = generate_ids(self.params, self.cfg.model, ids, max_new_tokens, eos_id=self.tokenizer.eos_id,
-                               n_vocab=self.tokenizer.vocab_size,
-                               sampling=SamplingParams(temperature, top_k, top_p), seed=seed)
-        texts = [_cut_at_stop(self.tokenizer.decode(row), stop) for row in new_ids]
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        common = dict(eos_id=self.tokenizer.eos_id, n_vocab=self.tokenizer.vocab_size)
+        if num_beams > 1:
+            from jaxgpt.beam import beam_search_ids
+
+            if stream or slide or repetition_penalty != 1.0 or no_repeat_ngram_size or stops:
+                raise JaxgptError("num_beams > 1 supports max_new_tokens and min_new_tokens only (no stream, slide, "
+                                  "stop, repetition_penalty or no_repeat_ngram_size)")
+            new_ids = beam_search_ids(self.params, self.cfg.model, ids, max_new_tokens, num_beams=num_beams,
+                                      min_new_tokens=min_new_tokens, **common)
+            texts = [self.tokenizer.decode(row) for row in new_ids]
+            return texts[0] if isinstance(prompt, str) else texts
+        common.update(sampling=SamplingParams(temperature, top_k, top_p, repetition_penalty, min_new_tokens),
+                      seed=seed, stop_ids=self._stop_ids(stops), no_repeat_ngram_size=no_repeat_ngram_size)
+        if stream:
+            if slide:
+                raise JaxgptError("stream=True and slide=True cannot be combined")
+            pieces = self._stream(ids, max_new_tokens, stops, common)
+            return (p[0] for p in pieces) if isinstance(prompt, str) else pieces
+        new_ids = generate_ids(self.params, self.cfg.model, ids, max_new_tokens, slide=slide, **common)
+        texts = [_cut_at_stop(self.tokenizer.decode(row), stops) for row in new_ids]
         return texts[0] if isinstance(prompt, str) else texts
+
+    def _stop_ids(self, stops: list[str]) -> list[list[int]]:
+        """Token sequences of the stop strings, so the jitted loop can end rows early (the text cut decides)."""
+        out = []
+        for s in stops:
+            try:
+                out.append(self.tokenizer.encode(s))
+            except JaxgptError:  # not encodable (e.g. a char outside the vocabulary): the text cut still applies
+                pass
+        return out
+
+    def _stream(self, ids, max_new_tokens, stops, common) -> Iterator[list[str]]:
+        """Text pieces per row as chunks of tokens arrive; a row stops at its first stop string."""
+        row_ids: list[list[int]] = [[] for _ in ids]
+        shown = ["" for _ in ids]
+        finished = [False] * len(ids)
+
+        def pieces(final: bool) -> list[str]:
+            out = []
+            for b in range(len(ids)):
+                full = self.tokenizer.decode(row_ids[b])
+                text = _cut_at_stop(full, stops)
+                finished[b] = finished[b] or text != full
+                if not (final or finished[b]):
+                    # Hold back half a UTF-8 character and anything that may be the start of a stop string.
+                    text = text.rstrip("\ufffd")
+                    text = text[:len(text) - max((k for st in stops for k in range(1, len(st))
+                                                  if text.endswith(st[:k])), default=0)]
+                piece = text[len(shown[b]):] if text.startswith(shown[b]) else ""
+                shown[b] += piece
+                out.append(piece)
+            return out
+
+        for new in stream_ids(self.params, self.cfg.model, ids, max_new_tokens, **common):
+            for b, toks in enumerate(new):
+                if not finished[b]:
+                    row_ids[b] += toks
+            yield pieces(final=False)
+            if all(finished):
+                return
+        yield pieces(final=True)
+
+    def quantized(self, mode: str = "int8", embeddings: bool = True) -> LanguageModel:
+        """A copy with int8 matmul weights (per-output-channel scales), dequantized under jit (jaxgpt.quantize)."""
+        from jaxgpt.quantize import quantize_params
+
+        return LanguageModel(self.cfg, quantize_params(self.params, mode, embeddings), self.tokenizer, self.step)
+
+    def chat_session(self, system: str | None = None) -> ChatSession:
+        """A multi-turn conversation that reuses its KV cache: `.send(user_text, **sampling) -> reply`."""
+        return ChatSession(self.params, self.cfg.model, self.tokenizer, system=system)
+
+    def perplexity(self, text: str, stride: int | None = None, window: int | None = None) -> PerplexityResult:
+        """Sliding-window perplexity of `text` (see jaxgpt.perplexity)."""
+        return perplexity(self.params, self.cfg.model, self.tokenizer.encode(text), stride=stride, window=window,
+                          n_vocab=self.tokenizer.vocab_size)
 
     def logits(self, text: str) -> np.ndarray:
         """TxV next-token logits for every position of `text` (float32)."""
@@ -50,12 +133,28 @@ def _cut_at_stop(text: str, stop: str | list[str] | None) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def load(run_dir: str | Path, checkpoint: str = "best") -> LanguageModel:
-    """Load a run dir for inference; `checkpoint` is 'best' (lowest val loss), 'latest' or a step."""
+def load(run_dir: str | Path, checkpoint: str = "best", quantize: str | None = None) -> LanguageModel:
+    """Load a run dir for inference; `checkpoint` is 'best' (lowest val loss), 'latest' or a step.
+
+    `quantize="int8"` stores the matmul weights as int8 (`LanguageModel.quantized`).
+    """
+    model = _load(run_dir, checkpoint)
+    if not quantize:
+        return model
+    if not isinstance(model, LanguageModel):
+        raise JaxgptError(f"quantize applies to language models, not a {type(model).__name__}")
+    return model.quantized(quantize)
+
+
+def _load(run_dir: str | Path, checkpoint: str):
     from jaxgpt.train.checkpoint import restore_params
 
     run_dir = Path(run_dir)
     cfg = rundir.resolve_config(run_dir, None)
+    if cfg.finetune.task:  # a fine-tune: a Classifier, or a LanguageModel with LoRA merged
+        from jaxgpt.finetune.infer import load_finetuned
+
+        return load_finetuned(run_dir, checkpoint)
     tok = tokenizers.load(run_dir / "tokenizer")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))

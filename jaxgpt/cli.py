@@ -29,6 +29,52 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
     gen.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 is off)")
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0, help="ban repeating n-grams of this size")
+    gen.add_argument("--min-new-tokens", type=int, default=0, help="end-of-text is banned before this many")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (deterministic)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+
+    chat = sub.add_parser("chat", help="talk to a run dir's model (one message per line on stdin)")
+    chat.add_argument("--run-dir", required=True)
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+
+    ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    ppl.add_argument("--run-dir", required=True)
+    ppl.add_argument("--file", required=True, help="UTF-8 text file")
+    ppl.add_argument("--stride", type=int, help="tokens between window starts (default: the window)")
+    ppl.add_argument("--window", type=int, help="tokens per window (default: block_size)")
+    ppl.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained run dir on a labelled task")
+    ft.add_argument("--config", help="fine-tune YAML (train:, finetune:, model.lora_*)")
+    ft.add_argument("--init-from", help="the pretrained run dir")
+    ft.add_argument("--run-dir", required=True, help="new run dir for the fine-tune")
+    ft.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.patience=3 model.lora_rank=8")
+
+    ev = sub.add_parser("evaluate", help="evaluate a fine-tune run dir's best checkpoint on a split")
+    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+
+    srv = sub.add_parser("serve", help="serve a run dir over an OpenAI-compatible HTTP API")
+    srv.add_argument("--run-dir", required=True)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean otherwise)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+    srv.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization")
+    srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together on the device")
+    srv.add_argument("--no-batching", action="store_true", help="serve one request at a time (a baseline)")
+    srv.add_argument("--model-name", help="the model id clients send (default: the run dir's name)")
+    srv.add_argument("--stream-chunk", type=int, default=8, help="tokens per decode chunk (stream granularity)")
 
     conv = sub.add_parser("convert", help="convert GPT-2 checkpoints to and from Hugging Face transformers")
     direction = conv.add_subparsers(dest="direction", required=True)
@@ -76,12 +122,96 @@ def _generate(args) -> None:
 
     model = jaxgpt.load(args.run_dir, args.checkpoint)
     prompts = [args.prompt] * args.num_samples
-    outputs = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    controls = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
+                    num_beams=args.num_beams)
+    if args.stream:
+        if args.num_samples > 1:
+            from jaxgpt.errors import JaxgptError
+
+            raise JaxgptError("--stream prints one sample; drop --num-samples")
+        print(args.prompt, end="", flush=True)
+        for piece in model.generate(args.prompt, stream=True, **controls):
+            print(piece, end="", flush=True)
+        print()
+        return
+    outputs = model.generate(prompts, **controls)
     for i, text in enumerate(outputs):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + text)
+
+
+def _finetune(args) -> None:
+    from jaxgpt.finetune import finetune, load_config
+
+    summary = finetune(load_config(args.config, args.overrides, args.init_from), args.run_dir)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not k.startswith("val_")}
+    print(f"done: {shown}; run dir {args.run_dir}")
+
+
+def _evaluate(args) -> None:
+    from jaxgpt.finetune import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, args.split, args.checkpoint)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+
+def _chat(args) -> None:
+    import jaxgpt
+
+    model = jaxgpt.load(args.run_dir, args.checkpoint)
+    session = model.chat_session(system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: one message per line; /reset forgets the conversation, /exit or Ctrl-D quits")
+    turn = 0
+    while True:
+        try:
+            text = input("you> " if interactive else "").strip()
+        except EOFError:
+            break
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            continue
+        if text:
+            reply = session.send(text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                 seed=args.seed + turn)
+            print(f"assistant> {reply}", flush=True)
+            turn += 1
+
+
+def _perplexity(args) -> None:
+    import jaxgpt
+    from jaxgpt.errors import JaxgptError
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise JaxgptError(f"cannot read {args.file} as UTF-8 text: {e}") from None
+    model = jaxgpt.load(args.run_dir, args.checkpoint)
+    r = model.perplexity(text, stride=args.stride, window=args.window)
+    w = r.windows[0]
+    print(f"perplexity {r.perplexity:.4f} (nll {r.nll:.4f} nats/token over {r.n_scored} tokens; "
+          f"{len(r.windows)} windows of <= {w.end - w.begin} tokens)")
+    print("JSON " + __import__("json").dumps({"perplexity": r.perplexity, "nll": r.nll, "n_scored": r.n_scored,
+                                              "windows": len(r.windows)}))
+
+
+def _serve(args) -> None:
+    from jaxgpt.errors import JaxgptError
+
+    if args.max_batch < 1 or args.stream_chunk < 1:
+        raise JaxgptError("--max-batch and --stream-chunk must be positive")
+    from jaxgpt.serve import serve
+
+    serve(args.run_dir, args.host, args.port, args.checkpoint, args.quantize, args.max_batch, not args.no_batching,
+          args.model_name, chunk=args.stream_chunk)
 
 
 def _convert(args) -> None:
@@ -104,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxgpt.errors import JaxgptError
 
     try:
-        {"train": _train, "generate": _generate, "convert": _convert}[args.command](args)
+        {"train": _train, "generate": _generate, "convert": _convert, "finetune": _finetune,
+         "evaluate": _evaluate, "chat": _chat, "perplexity": _perplexity, "serve": _serve}[args.command](args)
     except JaxgptError as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,144 @@
+"""Multi-turn chat over one KV cache: each turn prefills only its own tokens on top of the conversation.
+
+Template, rendered as plain text and tokenized piece by piece (so a conversation's ids are the
+concatenation of its turns' ids, whether built turn by turn or all at once):
+
+    <|system|>\\n{system}\\n                      (only when a system prompt is given)
+    <|user|>\\n{user text}\\n<|assistant|>\\n{reply}<end-of-text>      (one per turn)
+
+The end-of-text token ends every assistant turn (appended if a reply stopped at max_new_tokens).
+
+Context policy: before a turn, the conversation + the new user turn + max_new_tokens must fit in
+block_size. If it does not, the oldest (user, assistant) turns are dropped, the system prompt is kept,
+and the remaining conversation is prefilled again from slot 0 (one full prefill; later turns reuse the
+cache again). A single user turn that does not fit even alone with the system prompt is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.errors import JaxgptError
+from jaxgpt.generate import (DecodeState, SamplingParams, _cut, _forward, check_sampling, continuer, presence,
+                             prompt_bucket, row_keys, stop_array, traced_sampling)
+from jaxgpt.model import init_cache
+
+
+def render_system(text: str) -> str:
+    return f"<|system|>\n{text}\n"
+
+
+def render_user(text: str) -> str:
+    return f"<|user|>\n{text}\n<|assistant|>\n"
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_prefiller(cfg: ModelConfig):
+    """Write a right-padded chunk of tokens into the cache at `pos`; next-token logits after its last real token."""
+
+    def run(params, cache, chunk_1xT, pos, n_real, n_vocab):
+        logits_1xTxV, cache = _forward(cfg, params, chunk_1xT, cache, pos, None, n_vocab)
+        # Padding after the real tokens lands in slots the reply overwrites before anything attends to them.
+        return jax.lax.dynamic_index_in_dim(logits_1xTxV, n_real - 1, axis=1, keepdims=False), cache
+
+    return jax.jit(run)
+
+
+class ChatSession:
+    """A conversation with a model; `send` returns the reply text. See the module docstring for the policy."""
+
+    def __init__(self, params, cfg: ModelConfig, tokenizer, system: str | None = None, reuse_cache: bool = True):
+        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+        self.eos_id = tokenizer.eos_id
+        self.system_ids = tokenizer.encode(render_system(system)) if system else []
+        self.turns: list[tuple[list[int], list[int]]] = []  # (user turn ids, reply ids incl. end-of-text)
+        self.history: list[tuple[str, str]] = []  # (user text, reply text)
+        self.reuse_cache = reuse_cache  # False re-prefills the whole conversation every turn (a baseline)
+        self.cached: list[int] = []  # the token ids whose keys/values are in the cache, slot by slot
+        self.cache = None
+        self.n_dropped = 0  # turns dropped so far to stay inside block_size
+        if len(self.system_ids) >= cfg.block_size:
+            raise JaxgptError(f"system prompt ({len(self.system_ids)} tokens) does not fit the model's context "
+                              f"of {cfg.block_size} tokens")
+
+    @property
+    def tokens(self) -> list[int]:
+        """The whole conversation's ids, as the template renders it."""
+        return self.system_ids + [t for user, reply in self.turns for t in user + reply]
+
+    def send(self, user_text: str, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+             min_new_tokens: int = 0, seed: int = 0) -> str:
+        """Add a user turn, generate the assistant's reply (ended by end-of-text) and return its text."""
+        sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, min_new_tokens)
+        check_sampling(sampling)
+        if max_new_tokens <= 0:
+            raise JaxgptError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        user_ids = self.tokenizer.encode(render_user(user_text))
+        S = self.cfg.block_size
+        if len(self.system_ids) + len(user_ids) + max_new_tokens > S:
+            raise JaxgptError(f"this message ({len(user_ids)} tokens) + max_new_tokens ({max_new_tokens}) does not "
+                              f"fit the model's context of {S} tokens with the system prompt; shorten it")
+        self._close_last_reply()
+        while len(self.tokens) + len(user_ids) + max_new_tokens > S:  # policy: drop the oldest turn
+            self.turns.pop(0)
+            self.history.pop(0)
+            self.n_dropped += 1
+            self.cached = []
+        conversation = self.tokens
+        # Reuse the cache while it holds a prefix of the conversation; else (first turn, dropped turns) start over.
+        if not self.reuse_cache or self.cached != conversation[:len(self.cached)] or self.cache is None:
+            self.cache, self.cached = init_cache(self.cfg, 1, S), []
+        logits_1xV = self._prefill((conversation + user_ids)[len(self.cached):])
+        reply_ids = self._decode(logits_1xV, max_new_tokens, sampling, no_repeat_ngram_size, seed)
+        self.turns.append((user_ids, reply_ids))
+        reply = self.tokenizer.decode(_cut(reply_ids, self.eos_id))
+        self.history.append((user_text, reply))
+        return reply
+
+    def _close_last_reply(self) -> None:
+        # A reply cut by max_new_tokens still ends its turn with end-of-text (fed with the next prefill).
+        if self.turns and (not self.turns[-1][1] or self.turns[-1][1][-1] != self.eos_id):
+            self.turns[-1] = (self.turns[-1][0], self.turns[-1][1] + [self.eos_id])
+
+    def _prefill(self, new_ids: list[int]):
+        n_vocab = np.int32(self.tokenizer.vocab_size)
+        run = _chunk_prefiller(self.cfg)
+        logits_1xV = None
+        while new_ids:
+            pos = len(self.cached)
+            # Bucketed chunk, never past the cache end: a new turn length within a bucket does not recompile.
+            T = min(prompt_bucket(len(new_ids)), self.cfg.block_size - pos)
+            piece = new_ids[:T]
+            chunk_1xT = np.zeros((1, T), np.int32)
+            chunk_1xT[0, :len(piece)] = piece
+            logits_1xV, self.cache = run(self.params, self.cache, chunk_1xT, np.int32(pos), np.int32(len(piece)),
+                                         n_vocab)
+            self.cached += piece
+            new_ids = new_ids[T:]
+        return logits_1xV
+
+    def _decode(self, logits_1xV, max_new_tokens, sampling, ngram, seed) -> list[int]:
+        S, pos = self.cfg.block_size, len(self.cached)
+        seq_1xL = np.full((1, S), -1, np.int32)
+        seq_1xL[0, :pos] = self.cached
+        stop_SxM = stop_array(None)
+        state = DecodeState(np.int32(0), np.int32(pos), self.cache, logits_1xV, seq_1xL,
+                            presence(seq_1xL, self.cfg.vocab_size), np.full((1, stop_SxM.shape[1]), -2, np.int32),
+                            np.zeros((1,), bool), row_keys(seed, 1))
+        state = continuer(self.cfg, ngram)(self.params, state, np.zeros((1,), np.int32), np.int32(max_new_tokens),
+                                           traced_sampling(sampling), np.int32(self.eos_id),
+                                           np.int32(self.tokenizer.vocab_size), stop_SxM)
+        n = int(state.i)
+        reply_ids = np.asarray(state.seq_BxL[0, pos:pos + n]).tolist()
+        self.cache = state.cache  # now holds the reply's keys/values too (end-of-text included)
+        self.cached += reply_ids
+        return reply_ids
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.turns, self.history, self.cached, self.cache = [], [], [], None
