@@ -1,0 +1,144 @@
+"""Export a trained model as a self-contained inference artifact (`jax.export`, safetensors, JSON).
+
+The folder holds, per prompt bucket, the serialized StableHLO of prefill + the whole decode loop (batch
+size symbolic where it exports, else one file per batch size), the weights as safetensors, the tokenizer
+and a manifest. `jaxgpt.exported.load_exported(folder)` runs it with JAX alone: no Flax, no model code.
+
+    jaxgpt export --run-dir runs/shakespeare --out exported/shakespeare [--quantize int8]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.errors import JaxgptError
+from jaxgpt.generate import SamplingParams, decode_loop, prefill
+
+FORMAT_VERSION = 1
+MAX_STOP_SEQUENCES, MAX_STOP_TOKENS = 4, 8  # the exported stop-sequence array is fixed at 4 x 8
+
+
+def flatten(params) -> dict[str, np.ndarray]:
+    """Pytree of arrays -> {"h_0/attn/c_attn/kernel": array}, the safetensors layout."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flat["/".join(str(getattr(k, "key", k)) for k in path)] = np.asarray(leaf)
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _int8_storage(params):
+    """QArrays -> {"int8": values, "scale": scales} dicts, so safetensors can hold them."""
+    from jaxgpt.quantize import QArray
+
+    return jax.tree.map(lambda x: {"int8": x.q, "scale": x.scale} if isinstance(x, QArray) else x, params,
+                        is_leaf=lambda x: isinstance(x, QArray))
+
+
+def _int8_arrays(tree):
+    """The inverse, inside the exported program: the model then dequantizes each weight where it is used."""
+    from jaxgpt.quantize import QArray
+
+    if isinstance(tree, dict) and set(tree) == {"int8", "scale"}:
+        return QArray(tree["int8"], tree["scale"])
+    return {k: _int8_arrays(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def _decode_fn(cfg, max_new_tokens: int, prepare: Callable | None):
+    """The exported computation: (weights, prompt, padding, key data, sampling, eos, vocab, stops, limit) ->
+    (new tokens BxN, done B). `prepare` maps the stored weights to model params (e.g. int8 dequantize)."""
+
+    def decode(weights, prompt_BxP, start_B, key_data_Bx2, temperature, top_k, top_p, repetition_penalty,
+               min_new_tokens, eos_id, n_vocab, stop_SxM, limit):
+        params = unflatten(weights)
+        params = prepare(params) if prepare else params
+        keys_B = jax.random.wrap_key_data(key_data_Bx2)
+        sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, min_new_tokens)
+        P = prompt_BxP.shape[1]
+        state = prefill(cfg, params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM, P + max_new_tokens)
+        state = decode_loop(cfg, params, state, start_B, limit, sampling, eos_id, n_vocab, stop_SxM, 0)
+        return state.seq_BxL[:, P:], state.done_B
+
+    return decode
+
+
+def _arg_specs(weights: dict[str, np.ndarray], batch, bucket: int):
+    i32, f32 = jnp.int32, jnp.float32
+    scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
+    return (
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()},
+        jax.ShapeDtypeStruct((batch, bucket), i32), jax.ShapeDtypeStruct((batch,), i32),
+        jax.ShapeDtypeStruct((batch, 2), jnp.uint32),
+        scalar(f32), scalar(i32), scalar(f32), scalar(f32), scalar(i32), scalar(i32), scalar(i32),
+        jax.ShapeDtypeStruct((MAX_STOP_SEQUENCES, MAX_STOP_TOKENS), i32), scalar(i32),
+    )
+
+
+def export_model(model, out: str | Path, *, batch_sizes: Sequence[int] = (1, 8),
+                 prompt_buckets: Sequence[int] = (16, 64), max_new_tokens: int = 128,
+                 quantize: str | None = None) -> Path:
+    """Write `model` (a `jaxgpt.LanguageModel`) to `out`; returns the folder."""
+    from safetensors.numpy import save_file
+
+    cfg, out = model.cfg.model, Path(out)
+    buckets = sorted(set(int(b) for b in prompt_buckets))
+    if not buckets or buckets[0] <= 0 or max_new_tokens <= 0:
+        raise JaxgptError("export needs positive prompt buckets and max_new_tokens")
+    if buckets[-1] + max_new_tokens > cfg.block_size:
+        raise JaxgptError(f"largest prompt bucket ({buckets[-1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                          f"context of {cfg.block_size}; lower one of them")
+    params, prepare = model.params, None
+    if quantize:
+        from jaxgpt import quantize as quant
+
+        params, prepare = _int8_storage(quant.quantize_params(params, quantize)), _int8_arrays
+    weights = flatten(params)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    fn = jax.jit(_decode_fn(cfg, max_new_tokens, prepare))
+    programs = []
+    for bucket in buckets:
+        try:  # one program for every batch size
+            (b,) = jax.export.symbolic_shape("b")
+            symbolic = jax.export.export(fn)(*_arg_specs(weights, b, bucket))
+        except Exception:  # noqa: BLE001  (not every op takes a symbolic batch; fall back to fixed sizes)
+            symbolic = None
+        if symbolic is not None:
+            programs.append(_write(out, symbolic, bucket, None))
+            continue
+        for batch in batch_sizes:
+            programs.append(_write(out, jax.export.export(fn)(*_arg_specs(weights, batch, bucket)), bucket, batch))
+    save_file(weights, str(out / "weights.safetensors"))
+    model.tokenizer.save(out / "tokenizer")
+    manifest = {"format": FORMAT_VERSION, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
+                "n_vocab": model.tokenizer.vocab_size, "eos_id": model.tokenizer.eos_id,
+                "max_new_tokens": max_new_tokens, "quantize": quantize or "none", "programs": programs,
+                "stop_shape": [MAX_STOP_SEQUENCES, MAX_STOP_TOKENS], "weights": sorted(weights),
+                "source_step": model.step}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def _write(out: Path, exported, bucket: int, batch: int | None) -> dict:
+    name = f"decode_p{bucket}" + ("" if batch is None else f"_b{batch}") + ".jaxexport"
+    (out / name).write_bytes(exported.serialize())
+    return {"file": name, "prompt_bucket": bucket, "batch": batch}
+

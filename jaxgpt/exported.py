@@ -1,0 +1,92 @@
+"""Run an exported artifact (see `jaxgpt.export`) with JAX alone: no Flax, no jaxgpt model code.
+
+    model = jaxgpt.load_exported("exported/shakespeare")
+    model.generate("ROMEO:", max_new_tokens=50, temperature=0.8, top_k=40, seed=1)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jaxgpt.data import tokenizers
+from jaxgpt.errors import JaxgptError
+
+
+class ExportedModel:
+    def __init__(self, folder: str | Path):
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        manifest_file = folder / "manifest.json"
+        if not manifest_file.is_file():
+            raise JaxgptError(f"'{folder}' is not an exported jaxgpt model (no manifest.json); create one with "
+                              "`jaxgpt export`")
+        self.manifest = m = json.loads(manifest_file.read_text())
+        self.weights = {k: jax.device_put(v) for k, v in load_file(str(folder / "weights.safetensors")).items()}
+        if sorted(self.weights) != m["weights"]:
+            raise JaxgptError(f"'{folder}/weights.safetensors' does not match its manifest; re-export the model")
+        self.tokenizer = tokenizers.load(folder / "tokenizer")
+        self.programs = {(p["prompt_bucket"], p["batch"]): (folder / p["file"]) for p in m["programs"]}
+        self._loaded: dict = {}
+
+    def _program(self, bucket: int, batch: int):
+        key = (bucket, None) if (bucket, None) in self.programs else (bucket, batch)
+        if key not in self.programs:
+            sizes = sorted({b for _, b in self.programs if b})
+            raise JaxgptError(f"this export has no program for batch {batch}; exported batch sizes: {sizes}")
+        if key not in self._loaded:
+            self._loaded[key] = jax.export.deserialize(bytearray(self.programs[key].read_bytes()))
+        return self._loaded[key]
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                     seed: int | Sequence[int] = 0, stop_ids: Sequence[Sequence[int]] = ()) -> list[list[int]]:
+        m = self.manifest
+        eos = m["eos_id"]
+        if not 0 < max_new_tokens <= m["max_new_tokens"]:
+            raise JaxgptError(f"max_new_tokens must be in [1, {m['max_new_tokens']}] for this export")
+        prompts = [list(p) if len(p) else [eos] for p in prompts]
+        longest = max(len(p) for p in prompts)
+        buckets = sorted({b for b, _ in self.programs})
+        fitting = [b for b in buckets if b >= longest]
+        if not fitting:
+            raise JaxgptError(f"prompt of {longest} tokens is longer than the largest exported bucket ({buckets[-1]})")
+        bucket, B = fitting[0], len(prompts)
+        tokens_BxP = np.full((B, bucket), eos, np.int32)
+        start_B = np.zeros(B, np.int32)
+        for b, ids in enumerate(prompts):
+            tokens_BxP[b, bucket - len(ids):] = ids
+            start_B[b] = bucket - len(ids)
+        S, M = m["stop_shape"]
+        stop_SxM = np.full((S, M), -1, np.int32)
+        for j, s in enumerate([s for s in stop_ids if len(s)][:S]):
+            stop_SxM[j, M - len(s[-M:]):] = s[-M:]
+        # Row keys exactly as the live model draws them (jaxgpt.generate.row_keys).
+        if isinstance(seed, (int, np.integer)):
+            keys = [jax.random.fold_in(jax.random.key(int(seed)), b) for b in range(B)]
+        else:
+            if len(seed) != B:
+                raise JaxgptError(f"got {len(seed)} seeds for {B} prompts; pass one seed or one per prompt")
+            keys = [jax.random.key(int(s)) for s in seed]
+        key_data_Bx2 = np.stack([np.asarray(jax.random.key_data(k)) for k in keys]).astype(np.uint32)
+        out_BxN, _ = self._program(bucket, B).call(
+            self.weights, tokens_BxP, start_B, key_data_Bx2, np.float32(temperature), np.int32(top_k),
+            np.float32(top_p), np.float32(repetition_penalty), np.int32(min_new_tokens), np.int32(eos),
+            np.int32(m["n_vocab"]), stop_SxM, np.int32(max_new_tokens))
+        rows = np.asarray(out_BxN)[:, :max_new_tokens].tolist()
+        return [row[:row.index(eos)] if eos in row else row for row in rows]
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 100, **kwargs) -> str | list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.generate_ids([self.tokenizer.encode(p) for p in prompts], max_new_tokens, **kwargs)
+        texts = [self.tokenizer.decode(row) for row in ids]
+        return texts[0] if isinstance(prompt, str) else texts
+
+
+def load_exported(folder: str | Path) -> ExportedModel:
+    return ExportedModel(folder)

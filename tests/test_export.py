@@ -1,0 +1,71 @@
+"""Exported artifacts: same tokens as the live model, int8 too, and no model code needed to run them."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt import config
+from jaxgpt.api import LanguageModel
+from jaxgpt.data import tokenizers
+from jaxgpt.errors import JaxgptError
+from jaxgpt.export import export_model
+from jaxgpt.exported import load_exported
+from jaxgpt.model import init_params
+from jaxgpt.quantize import quantize_params
+
+PROMPTS = ["hello wor", "abc", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def live():
+    cfg = config.load(None, {"model.preset": "tiny", "model.vocab_size": 64})
+    tok = tokenizers.CharTokenizer(list("abcdefghijklmnopqrstuvwxyz ,.:\n"))
+    params = jax.tree.map(lambda a: a * 5 if a.ndim > 1 else a, init_params(cfg.model, jax.random.key(0)))
+    return LanguageModel(cfg, params, tok, 7)
+
+
+@pytest.fixture(scope="module")
+def exported(live, tmp_path_factory):
+    return export_model(live, tmp_path_factory.mktemp("exp") / "m", prompt_buckets=(16, 32), max_new_tokens=24)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=1.0, top_k=5, seed=3),
+                                dict(temperature=0.7, top_p=0.8, repetition_penalty=1.3, seed=[1, 2, 3])])
+def test_exported_equals_live(live, exported, kw):
+    em = load_exported(exported)
+    assert em.generate(PROMPTS, 20, **kw) == live.generate(PROMPTS, 20, **kw)
+    one = {**kw, "seed": 5} if "seed" in kw else kw
+    assert em.generate(PROMPTS[0], 5, **one) == live.generate(PROMPTS[0], 5, **one)
+
+
+def test_int8_export_equals_live_int8(live, tmp_path):
+    out = export_model(live, tmp_path / "q", prompt_buckets=(16,), max_new_tokens=16, quantize="int8")
+    quantized = LanguageModel(live.cfg, quantize_params(live.params), live.tokenizer)
+    assert load_exported(out).generate(PROMPTS[:2], 12, temperature=0.0) == quantized.generate(
+        PROMPTS[:2], 12, temperature=0.0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantize"] == "int8" and any(k.endswith("/int8") for k in manifest["weights"])
+
+
+def test_runs_without_flax_or_model_code(exported):
+    code = (f"import sys, jaxgpt; m = jaxgpt.load_exported({str(exported)!r}); "
+            "out = m.generate('abc', 8, temperature=0.0); "
+            "assert 'flax' not in sys.modules and 'jaxgpt.model' not in sys.modules, sorted(sys.modules); "
+            "print(repr(out))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_limits_are_clear_errors(exported):
+    em = load_exported(exported)
+    with pytest.raises(JaxgptError, match="max_new_tokens must be in"):
+        em.generate("abc", 100)
+    with pytest.raises(JaxgptError, match="longer than the largest exported bucket"):
+        em.generate("a" * 40, 4)
+    with pytest.raises(JaxgptError, match="not an exported jaxgpt model"):
+        load_exported(exported.parent)
+    np.testing.assert_equal(len(em.generate(["a", "b"], 3, temperature=0.0)), 2)
