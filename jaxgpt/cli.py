@@ -76,6 +76,28 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-name", help="the model id clients send (default: the run dir's name)")
     srv.add_argument("--stream-chunk", type=int, default=8, help="tokens per decode chunk (stream granularity)")
 
+    exp = sub.add_parser("export", help="write a self-contained inference artifact (jax.export + safetensors)")
+    exp.add_argument("--run-dir", required=True)
+    exp.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    exp.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+    exp.add_argument("--quantize", choices=["int8"], help="store int8 weights (dequantized inside the program)")
+    exp.add_argument("--batch-sizes", default="1,8", help="used only where a symbolic batch size does not export")
+    exp.add_argument("--prompt-buckets", default="16,64", help="prompt lengths (padded up to the next bucket)")
+    exp.add_argument("--max-new-tokens", type=int, default=128)
+
+    rl = sub.add_parser("rl", help="RL fine-tuning (GRPO) of a pretrained run dir against a reward")
+    rl.add_argument("--config", help="RL YAML (train:, rl:)")
+    rl.add_argument("--init-from", help="the pretrained run dir (initial policy and frozen reference)")
+    rl.add_argument("--run-dir", required=True, help="new run dir for the RL run (running again resumes)")
+    rl.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rl.reward=rhyme rl.kl_coef=0.1")
+
+    dpo = sub.add_parser("dpo", help="DPO from preference pairs (JSONL of prompt, chosen, rejected)")
+    dpo.add_argument("--config", help="DPO YAML (train:, rl:)")
+    dpo.add_argument("--init-from", help="the pretrained run dir (initial policy and frozen reference)")
+    dpo.add_argument("--run-dir", required=True)
+    dpo.add_argument("--data", help="preference pairs JSONL (or rl.data=...)")
+    dpo.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rl.dpo_beta=0.2 train.steps=100")
+
     conv = sub.add_parser("convert", help="convert GPT-2 checkpoints to and from Hugging Face transformers")
     direction = conv.add_subparsers(dest="direction", required=True)
     h2j = direction.add_parser("hf-to-jaxgpt", help="make a run dir from an HF folder (model.safetensors)")
@@ -214,6 +236,28 @@ def _serve(args) -> None:
           args.model_name, chunk=args.stream_chunk)
 
 
+def _export(args) -> None:
+    import jaxgpt
+    from jaxgpt.export import export_model
+
+    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
+    out = export_model(jaxgpt.load(args.run_dir, args.checkpoint), args.out, batch_sizes=ints(args.batch_sizes),
+                       prompt_buckets=ints(args.prompt_buckets), max_new_tokens=args.max_new_tokens,
+                       quantize=args.quantize)
+    print(f"exported {args.run_dir} -> {out}; load with jaxgpt.load_exported('{out}')")
+
+
+def _rl(args) -> None:
+    from jaxgpt import rl
+
+    extra = {"rl.algorithm": "dpo", **({"rl.data": args.data} if args.data else {})} if args.command == "dpo" else {}
+    summary = rl.run(rl.load_config(args.config, args.overrides, args.init_from, extra), args.run_dir)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()
+             if k in ("step", "loss", "kl", "reward", "eval_reward_before", "eval_reward", "eval_kl", "val_loss",
+                      "val_reward_accuracy")}
+    print(f"done: {shown}; run dir {args.run_dir}")
+
+
 def _convert(args) -> None:
     from jaxgpt.convert import hf
 
@@ -235,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         {"train": _train, "generate": _generate, "convert": _convert, "finetune": _finetune,
-         "evaluate": _evaluate, "chat": _chat, "perplexity": _perplexity, "serve": _serve}[args.command](args)
+         "evaluate": _evaluate, "chat": _chat, "perplexity": _perplexity, "serve": _serve,
+         "export": _export, "rl": _rl, "dpo": _rl}[args.command](args)
     except JaxgptError as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2

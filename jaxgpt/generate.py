@@ -133,11 +133,16 @@ def adjust_logits(logits_BxV, seen_BxV, seq_BxL, pos, i, sampling: SamplingParam
 
 def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingParams) -> jax.Array:
     """One token per row; row b draws with keys_B[b], so a row's draw does not depend on its batch."""
-    greedy_B = jnp.argmax(logits_BxV, axis=-1)
-    scaled_BxV = logits_BxV / jnp.maximum(sampling.temperature, 1e-6)
-    filtered_BxV = filter_logits(scaled_BxV, sampling.top_k, sampling.top_p)
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
-    return jnp.where(sampling.temperature <= 0, greedy_B, sampled_B).astype(jnp.int32)
+    # lax.cond skips the vocabulary sort when no filter is on, and all sampling when decoding greedily.
+    def draw(logits_BxV):
+        scaled_BxV = logits_BxV / jnp.maximum(sampling.temperature, 1e-6)
+        filtering = (sampling.top_k > 0) | (sampling.top_p < 1)
+        filtered_BxV = jax.lax.cond(filtering, lambda x: filter_logits(x, sampling.top_k, sampling.top_p),
+                                    lambda x: x, scaled_BxV)
+        return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
+
+    greedy = lambda logits_BxV: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(sampling.temperature <= 0, greedy, draw, logits_BxV)
 
 
 def stop_hit(recent_BxM: jax.Array, stop_SxM: jax.Array) -> jax.Array:

@@ -1,0 +1,211 @@
+"""Dynamic batching: requests from many HTTP handlers share one batched decode on the device.
+
+One worker thread owns the model. It takes the oldest waiting job, waits up to `max_wait_ms` for more to
+arrive, and runs up to `max_batch` jobs that share sampling settings (temperature, top-k, top-p and the
+repetition penalty are one traced value per batch in jaxgpt.generate) as one batch: prompts left-padded
+into one bucket, one seed per row (a row's tokens do not depend on its batch-mates), the batch padded to a
+power of two rows and max_new_tokens rounded up to a power of two (at least 16), so few shapes ever
+compile. Each row finishes on its own (end-of-text, a stop string, its own max_tokens, a client that
+went away); the batch stops as soon as every row has. This is dynamic, not continuous, batching: a job
+that arrives while a batch runs waits for that batch to end.
+
+Streaming granularity: the decode runs in jitted chunks of `chunk` tokens (`jaxgpt.generate.stream_ids`;
+the KV cache stays on the device between chunks) and text goes out after each chunk, so a stream gets its
+tokens in groups of up to `chunk`. Text that ends in half a UTF-8 character or in what may be the start
+of a stop string is held back until the next chunk decides it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from jaxgpt.generate import SamplingParams, prompt_bucket, stream_ids
+from jaxgpt.serve.protocol import ApiError
+
+log = logging.getLogger("jaxgpt.serve")
+
+# Events a job sends back (from the worker thread): ("text", piece), ("done", finish_reason, n_tokens),
+# ("error", http_status, message).
+Emit = Callable[[tuple], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """One choice to generate: a prompt, its limits, and where its text goes."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int
+    stops: list[str]
+    emit: Emit
+    cancelled: bool = False  # set by the HTTP side when the client goes away
+    ids: list[int] = field(default_factory=list)
+    shown: str = ""
+    finished: bool = False
+
+    @property
+    def key(self) -> SamplingParams:
+        """Jobs with equal keys can share a batch (greedy ignores top-k/top-p)."""
+        s = self.sampling
+        return s._replace(top_k=0, top_p=1.0) if s.temperature == 0 else s
+
+    def feed(self, new_ids: list[int], ended: bool, decode: Callable[[list[int]], str]) -> None:
+        """Add this chunk's tokens; send the text that is now certain; finish if the row is done."""
+        self.ids += new_ids
+        reason = None
+        if len(self.ids) >= self.max_new_tokens:
+            self.ids, reason = self.ids[:self.max_new_tokens], "length"
+        elif ended:
+            reason = "stop"  # end-of-text
+        text = decode(self.ids)
+        cuts = [text.index(s) for s in self.stops if s in text]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
+        if reason is None:
+            text = text.rstrip("\ufffd")  # half a UTF-8 character: wait for the rest
+            text = text[:len(text) - max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                                         default=0)]
+        piece = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown += piece
+        if piece:
+            self.emit(("text", piece))
+        if reason:
+            self.finish(reason)
+
+    def finish(self, reason: str) -> None:
+        self.finished = True
+        self.emit(("done", reason, len(self.ids)))
+
+    def fail(self, status: int, message: str) -> None:
+        self.finished = True
+        self.emit(("error", status, message))
+
+
+class Batcher:
+    """Queue + worker thread. `submit` is thread-safe; `close` cancels what has not run and stops the worker."""
+
+    def __init__(self, model, max_batch: int = 8, max_wait_ms: float = 5.0, chunk: int = 8, max_queue: int = 1024):
+        self.model, self.max_batch, self.max_wait, self.chunk = model, max_batch, max_wait_ms / 1000, chunk
+        self.max_queue = max_queue
+        self._pending: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = self._abort = False
+        self._thread = threading.Thread(target=self._loop, name="jaxgpt-batcher", daemon=True)
+        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs together (they can land in one batch); 503 when closing or full."""
+        with self._cv:
+            if self._closed:
+                raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if len(self._pending) + len(jobs) > self.max_queue:
+                raise ApiError(503, "the server is overloaded; retry later", type="server_error", code="overloaded")
+            self._pending.extend(jobs)
+            self._cv.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse new jobs, fail queued ones, stop the running batch at its next chunk, join the worker."""
+        with self._cv:
+            self._closed = self._abort = True
+            dropped = list(self._pending)
+            self._pending.clear()
+            self._cv.notify_all()
+        for job in dropped:
+            job.fail(503, "the server shut down before this request ran")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cv:
+            while not self._pending and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            deadline = time.monotonic() + self.max_wait
+            while self.max_batch > 1 and len(self._pending) < self.max_batch and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            live = [j for j in self._pending if not j.cancelled]
+            if not live:
+                self._pending.clear()
+                return []
+            batch = self._compatible(live)
+            taken = set(map(id, batch))
+            self._pending = collections.deque(j for j in live if id(j) not in taken)
+            return batch
+
+    def _compatible(self, live: list[Job]) -> list[Job]:
+        """The oldest job and, in arrival order, others with its key that still fit the context together."""
+        block = self.model.cfg.model.block_size
+        batch = [live[0]]
+        longest, wanted = len(live[0].prompt_ids), live[0].max_new_tokens
+        for job in live[1:]:
+            if len(batch) == self.max_batch:
+                break
+            fits = max(longest, len(job.prompt_ids)) + max(wanted, job.max_new_tokens) <= block
+            if job.key == batch[0].key and fits:
+                batch.append(job)
+                longest, wanted = max(longest, len(job.prompt_ids)), max(wanted, job.max_new_tokens)
+        return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
+            try:
+                self._run(batch)
+            except Exception as e:  # a failed batch fails its requests, not the server
+                log.exception("batch of %d failed", len(batch))
+                for job in batch:
+                    if not job.finished:
+                        job.fail(500, f"generation failed: {type(e).__name__}: {e}")
+
+    def _run(self, jobs: list[Job]) -> None:
+        cfg, tok = self.model.cfg.model, self.model.tokenizer
+        B = len(jobs)
+        rows = 1 << (B - 1).bit_length()  # pad rows to a power of two: few compiled shapes
+        prompts = [j.prompt_ids for j in jobs] + [jobs[0].prompt_ids] * (rows - B)
+        seeds = [j.seed for j in jobs] + [0] * (rows - B)
+        longest = max(len(p) for p in prompts)
+        wanted = max(j.max_new_tokens for j in jobs)
+        n = min(prompt_bucket(wanted), cfg.block_size - longest)  # >= 16, a power of two: few compiles
+        self.stats["batches"] += 1
+        self.stats["rows"] += B
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], B)
+        chunks = stream_ids(self.model.params, cfg, prompts, n, eos_id=tok.eos_id, n_vocab=tok.vocab_size,
+                            sampling=jobs[0].sampling, seed=seeds, chunk=self.chunk)
+        try:
+            for new in chunks:
+                if self._abort:
+                    for job in jobs:
+                        if not job.finished:
+                            job.fail(503, "the server shut down while this request was running")
+                    return
+                steps = max(len(r) for r in new)  # a row still running produced exactly this many
+                for job, toks in zip(jobs, new):
+                    if job.cancelled and not job.finished:
+                        job.finished = True
+                    if not job.finished:
+                        job.feed(toks, len(toks) < steps, tok.decode)
+                if all(j.finished for j in jobs):
+                    return
+            for job in jobs:  # the decode ended (end-of-text everywhere, or n tokens)
+                if not job.finished:
+                    job.feed([], True, tok.decode)
+        finally:
+            chunks.close()

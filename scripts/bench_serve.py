@@ -1,0 +1,161 @@
+"""Load test for `jaxgpt serve`: N concurrent streaming completions, with dynamic batching and without.
+
+For each mode a server is started as a subprocess on 127.0.0.1 (a free port), warmed up (bursts of 1, 2, 4
+and max-batch requests compile the batch shapes), then --requests streaming /v1/completions requests are
+sent at once (httpx, asyncio) with --max-tokens each (sampled, one seed per request). Every request must end
+with `data: [DONE]` and no error event. Reported per mode: requests/s and total completion tokens/s (over
+the wall time of the whole burst), p50/p99 latency (request sent -> [DONE]) and p50/p99 time to the first
+text chunk. The whole run is bounded by --timeout seconds per mode; the server gets SIGTERM at the end.
+
+Run:
+  python scripts/bench_serve.py --run-dir runs/shakespeare
+  python scripts/bench_serve.py --run-dir runs/shakespeare --requests 64 --max-tokens 32 --json-out serve.json
+Prints a table, then one line `JSON {...}` (also written to --json-out FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "KING HENRY:", "To be, or not", "HAMLET:", "Now is the winter",
+           "O, what a", "MACBETH:", "Good morrow,", "LEAR:", "What light"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> dict:
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, tokens, done, error = None, 0, False, None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"]["message"]
+            elif chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+    latency = time.perf_counter() - t0
+    if error or not done:
+        return {"error": error or "stream ended without [DONE]"}
+    return {"latency": latency, "ttft": first if first is not None else latency, "tokens": tokens}
+
+
+async def burst(url: str, n: int, max_tokens: int, offset: int = 0) -> tuple[list[dict], float]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, url, offset + i, max_tokens) for i in range(n)))
+        return list(results), time.perf_counter() - t0
+
+
+def start_server(run_dir: str, port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jaxgpt.cli", "serve", "--run-dir", run_dir, "--host", "127.0.0.1",
+           "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not come up within 180 s")
+
+
+def run_mode(args, batching: bool) -> dict:
+    port = free_port()
+    extra = ["--max-batch", str(args.max_batch)] + ([] if batching else ["--no-batching"])
+    if args.quantize:
+        extra += ["--quantize", args.quantize]
+    proc = start_server(args.run_dir, port, extra)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for size in sorted({1, 2, 4, args.max_batch} if batching else {1}):  # compile the batch shapes
+            asyncio.run(burst(url, size, args.max_tokens, offset=1000))
+        results, wall = asyncio.run(asyncio.wait_for(burst(url, args.requests, args.max_tokens), args.timeout))
+        health = httpx.get(f"{url}/health").json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    errors = [r["error"] for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    lat, ttft = np.array([r["latency"] for r in ok]), np.array([r["ttft"] for r in ok])
+    tokens = sum(r["tokens"] for r in ok)
+    return {"batching": batching, "requests": len(results), "errors": len(errors), "first_errors": errors[:3],
+            "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": tokens / wall, "tokens": tokens,
+            "latency_p50_s": float(np.percentile(lat, 50)) if len(ok) else None,
+            "latency_p99_s": float(np.percentile(lat, 99)) if len(ok) else None,
+            "ttft_p50_s": float(np.percentile(ttft, 50)) if len(ok) else None,
+            "ttft_p99_s": float(np.percentile(ttft, 99)) if len(ok) else None,
+            "server_batches": health.get("batches"), "server_largest_batch": health.get("largest_batch")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--quantize", choices=("int8",))
+    ap.add_argument("--timeout", type=float, default=300, help="seconds allowed for the measured burst, per mode")
+    ap.add_argument("--modes", default="batching,no-batching")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    if not 1 <= args.requests <= 512:
+        ap.error("--requests must be in [1, 512]")
+    modes = [m.strip() for m in args.modes.split(",")]
+    rows = [run_mode(args, m == "batching") for m in modes]
+
+    print(f"{args.requests} concurrent streaming requests x {args.max_tokens} max tokens, run dir {args.run_dir}, "
+          f"cpu count {os.cpu_count()}")
+    print(f"{'mode':12} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'p50 lat':>8} {'p99 lat':>8} {'p50 ttft':>9} "
+          f"{'p99 ttft':>9} {'batches':>8} {'largest':>8}")
+    for r in rows:
+        name = "batching" if r["batching"] else "no-batching"
+        fmt = lambda v: f"{v:.2f}s" if v is not None else "-"  # noqa: E731
+        print(f"{name:12} {r['errors']:>6} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
+              f"{fmt(r['latency_p50_s']):>8} {fmt(r['latency_p99_s']):>8} {fmt(r['ttft_p50_s']):>9} "
+              f"{fmt(r['ttft_p99_s']):>9} {r['server_batches']:>8} {r['server_largest_batch']:>8}")
+    line = json.dumps({"requests": args.requests, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+                       "quantize": args.quantize, "modes": rows})
+    print("JSON " + line)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(line + "\n")
+    if any(r["errors"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
