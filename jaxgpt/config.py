@@ -33,6 +33,9 @@ class ModelConfig:
     attention: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs)
     remat: str = "none"  # none | full | dots_saveable: recompute activations in the backward pass
     scan_layers: bool = False  # nn.scan over blocks: compile time independent of depth
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank on the lora_targets projections
+    lora_alpha: float = 16.0  # adapter scale is lora_alpha / lora_rank
+    lora_targets: str = "c_attn,c_proj"  # comma list of c_attn, c_proj, c_fc or attn/c_proj, mlp/c_proj
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,77 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning a pretrained run on a labelled task (`jaxgpt finetune`); optimizer settings are `train.*`."""
+
+    task: str = ""  # classify | sft; empty: not a fine-tune run
+    init_from: str = ""  # pretrained run dir (its model, tokenizer and best params)
+    from_scratch: bool = False  # same architecture and tokenizer, random init: the baseline
+    source: str = "shakespeare_genre"  # shakespeare_genre | PATH.jsonl | PATH.csv | tfds:NAME[/CONFIG]
+    val_source: str = ""  # local file; empty: the dataset's validation split, else carved from train
+    test_source: str = ""  # local file; empty: the dataset's test split
+    val_fraction: float = 0.1  # share of train carved out when there is no validation split
+    text_field: str = ""  # empty: the format's default (text/label, prompt/response, messages)
+    label_field: str = ""
+    prompt_field: str = ""
+    response_field: str = ""
+    labels: str = ""  # comma list fixing classes and order; empty: sorted labels seen in train
+    tfds_data_dir: str = ""
+    max_examples: int = 0  # 0: all; caps each split
+    passage_chars: int = 400  # shakespeare_genre: characters per passage
+    passages_per_play: int = 60  # shakespeare_genre: passages sampled from each play
+    max_len: int = 0  # tokens per example; 0: model.block_size
+    pooling: str = "last"  # classify: last (last non-pad token) | mean
+    class_weights: str = ""  # "" | balanced | comma list, one per class
+    metric: str = ""  # accuracy | macro_f1 | loss | exact_match | rouge_l; empty: macro_f1 / loss
+    patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
+    min_delta: float = 0.0  # smallest change that counts as an improvement
+    plateau_factor: float = 0.0  # in (0, 1): reduce-on-plateau multiplies the LR by it
+    plateau_patience: int = 2  # evaluations without val-loss improvement before a reduction
+    freeze: str = ""  # comma list of groups kept fixed: embed, blocks, h_N, attn, mlp, ln, head
+    unfreeze_every: int = 0  # > 0: gradual unfreezing, head first, then unfreeze_blocks more every N steps
+    unfreeze_blocks: int = 1
+    layer_lr_decay: float = 1.0  # discriminative LRs: lr * decay**depth (head 0, top block 1, ...)
+    gen_examples: int = 32  # sft: validation examples decoded greedily for exact match / ROUGE-L
+    max_new_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """RL fine-tuning (`jaxgpt rl`, GRPO) and preference tuning (`jaxgpt dpo`); optimizer settings are `train.*`."""
+
+    algorithm: str = "grpo"  # grpo | dpo
+    init_from: str = ""  # pretrained run dir: the initial policy and the frozen reference
+    reward: str = "syllables"  # syllables | target_word | rhyme | module:function | classifier:RUN_DIR
+    reward_label: str = ""  # classifier reward: the label whose probability is the reward
+    target_word: str = "love"  # target_word reward
+    syllables: int = 10  # syllables reward: the target syllables per line
+    prompts: str = "shakespeare"  # shakespeare | PATH (.txt one prompt a line, \n for newline; .jsonl "prompt")
+    eval_prompts: int = 32  # held-out prompts (never trained on) for the before/after reward
+    eval_samples: int = 2  # samples per held-out prompt
+    prompts_per_step: int = 8
+    group_size: int = 8  # G samples per prompt; advantages are relative to the group
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature; logprobs and the KL are of the T=1 policy
+    kl_coef: float = 0.05  # beta of the KL penalty to the reference
+    kl_estimator: str = "exact"  # exact (full-vocabulary KL per token) | k3 (Schulman's estimator)
+    clip_eps: float = 0.2  # PPO ratio clipping
+    adv_eps: float = 1e-4  # advantage = (r - mean) / (std + adv_eps)
+    ppo_epochs: int = 1  # passes over each sampled batch
+    minibatches: int = 2  # optimizer updates per pass
+    data: str = ""  # dpo: JSONL of {"prompt", "chosen", "rejected"}
+    dpo_beta: float = 0.1
+    val_fraction: float = 0.1  # dpo: share of pairs held out (when there are at least 10)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     seed: int = 0
 
 
@@ -165,7 +234,7 @@ def build(flat: dict[str, Any]) -> Config:
         if key not in known:
             raise _unknown_key(key)
     preset = flat.get("model.preset", "")
-    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}, "mesh": {}}
+    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}, "mesh": {}, "finetune": {}, "rl": {}}
     if preset:
         if preset not in PRESETS:
             close = difflib.get_close_matches(preset, PRESETS, n=1)
@@ -186,6 +255,8 @@ def build(flat: dict[str, Any]) -> Config:
         data=DataConfig(**sections["data"]),
         train=TrainConfig(**sections["train"]),
         mesh=MeshConfig(**sections["mesh"]),
+        finetune=FinetuneConfig(**sections["finetune"]),
+        rl=RLConfig(**sections["rl"]),
         **top,
     )
 

@@ -36,6 +36,8 @@ class Linear(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora_rank: int = 0  # > 0: add a low-rank update x @ lora_A @ lora_B * lora_alpha / lora_rank
+    lora_alpha: float = 16.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -53,7 +55,31 @@ class Linear(nn.Module):
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.n_in:]),
                 self.kernel_shape[self.n_in:], self.param_dtype)
             y = y + bias.astype(jnp.float32)
+        if self.lora_rank:
+            y = y + self._lora(x, contract_x)
         return y.astype(self.dtype)
+
+    def _lora(self, x: jax.Array, contract_x: tuple[int, ...]) -> jax.Array:
+        # B starts at zero, so an untrained adapter leaves the output exactly unchanged.
+        r, in_shape, out_shape = self.lora_rank, self.kernel_shape[:self.n_in], self.kernel_shape[self.n_in:]
+        a = self.param("lora_A", nn.with_logical_partitioning(_normal(1 / math.sqrt(math.prod(in_shape))),
+                       (*self.kernel_axes[:self.n_in], None)), (*in_shape, r), self.param_dtype)
+        b = self.param("lora_B", nn.with_logical_partitioning(nn.initializers.zeros,
+                       (None, *self.kernel_axes[self.n_in:])), (r, *out_shape), self.param_dtype)
+        h = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype),
+                                ((contract_x, tuple(range(self.n_in))), ((), ())), preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(h, b.astype(jnp.float32), (((h.ndim - 1,), (0,)), ((), ())))
+        return y * (self.lora_alpha / r)
+
+
+def lora_rank_for(cfg: ModelConfig, name: str) -> int:
+    """cfg.lora_rank if `name` ('attn/c_attn', 'mlp/c_proj', ...) or its last part is in cfg.lora_targets, else 0."""
+    targets = {t.strip() for t in cfg.lora_targets.split(",") if t.strip()}
+    return cfg.lora_rank if name in targets or name.split("/")[1] in targets else 0
+
+
+def _linear_lora(cfg: ModelConfig, name: str) -> dict[str, Any]:
+    return {"lora_rank": lora_rank_for(cfg, name), "lora_alpha": cfg.lora_alpha}
 
 
 class LayerNorm(nn.Module):
@@ -100,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         K = D // H
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         qkv_BxTx3xHxK = Linear((D, 3, H, K), ("embed", None, "heads", "kv"), use_bias=cfg.bias,
-                               dtype=dtype, param_dtype=pdtype, name="c_attn")(x_BxTxD)
+                               dtype=dtype, param_dtype=pdtype, name="c_attn", **_linear_lora(cfg, "attn/c_attn"))(x_BxTxD)
         qkv_BxTx3xHxK = nn.with_logical_constraint(qkv_BxTx3xHxK, ("batch", "length", None, "heads", "kv"))
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
         new_cache = None
@@ -119,7 +145,8 @@ class CausalSelfAttention(nn.Module):
                 q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask, is_causal=mask is None,
                 implementation=None if cfg.attention == "xla" else cfg.attention)
         y_BxTxD = Linear((H, K, D), ("heads", "kv", "embed"), n_in=2, std=0.02 / math.sqrt(2 * cfg.n_layer),
-                         use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, name="c_proj")(out_BxTxHxK)
+                         use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, name="c_proj",
+                         **_linear_lora(cfg, "attn/c_proj"))(out_BxTxHxK)
         y_BxTxD = nn.Dropout(cfg.dropout)(y_BxTxD, deterministic=deterministic)
         return y_BxTxD, new_cache
 
@@ -145,10 +172,10 @@ class MLP(nn.Module):
         D, F = cfg.n_embd, 4 * cfg.n_embd
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         h_BxTxF = Linear((D, F), ("embed", "mlp"), use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype,
-                         name="c_fc")(x_BxTxD)
+                         name="c_fc", **_linear_lora(cfg, "mlp/c_fc"))(x_BxTxD)
         h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)  # GPT-2's tanh GELU
         y_BxTxD = Linear((F, D), ("mlp", "embed"), std=0.02 / math.sqrt(2 * cfg.n_layer), use_bias=cfg.bias,
-                         dtype=dtype, param_dtype=pdtype, name="c_proj")(h_BxTxF)
+                         dtype=dtype, param_dtype=pdtype, name="c_proj", **_linear_lora(cfg, "mlp/c_proj"))(h_BxTxF)
         return nn.Dropout(cfg.dropout)(y_BxTxD, deterministic=deterministic)
 
 
@@ -277,6 +304,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     D, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     matmul_params = L * 12 * D * D + V * D  # blocks + tied LM head
     return 6 * matmul_params + 12 * L * D * T
+
+
+def merge_lora(params, cfg: ModelConfig):
+    """Fold every adapter into its kernel (kernel + A @ B * alpha / r): params for lora_rank=0."""
+    if "h" in params:  # scanned layers: merge layer by layer
+        return stack_layers(merge_lora(unstack_layers(params, cfg.n_layer), cfg), cfg.n_layer)
+
+    def merge(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {k: merge(v) for k, v in tree.items() if k not in ("lora_A", "lora_B")}
+        if "lora_A" in tree:
+            a, b = tree["lora_A"].astype(jnp.float32), tree["lora_B"].astype(jnp.float32)
+            delta = jnp.tensordot(a, b, axes=1) * (cfg.lora_alpha / cfg.lora_rank)
+            out["kernel"] = (tree["kernel"].astype(jnp.float32) + delta).astype(tree["kernel"].dtype)
+        return out
+
+    return merge(params)
 
 
 def unstack_layers(params, n_layer: int):

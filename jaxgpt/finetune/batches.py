@@ -1,0 +1,110 @@
+"""Examples -> token arrays -> left-padded batches whose lengths fall in a few power-of-two buckets.
+
+Rows are right-aligned (left padding) and `start_B` counts the padding, which the model's attention
+mask and positions already understand; so the last token of every row sits at index T-1. Batches have
+a fixed number of rows (evaluation fills the last one with weight-0 rows), so the compiled shapes are
+(B, bucket) for a handful of buckets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from jaxgpt.data.tokenizers import Tokenizer
+from jaxgpt.finetune.chat import tokenize_dialogue
+from jaxgpt.finetune.data import Example
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, max_len: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET), capped at max_len."""
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    return min(size, max_len)
+
+
+@dataclass
+class Encoded:
+    """Token ids per example; `label_N` for classification, `in_loss` per token for SFT."""
+
+    ids: list[np.ndarray]
+    label_N: np.ndarray | None = None
+    in_loss: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(examples: list[Example], task: str, tok: Tokenizer, max_len: int, labels: list[str]) -> Encoded:
+    if task == "classify":
+        index = {lab: i for i, lab in enumerate(labels)}
+        ids = [np.asarray(tok.encode(ex.text)[:max_len] or [tok.eos_id], np.int32) for ex in examples]
+        return Encoded(ids, label_N=np.asarray([index[ex.label] for ex in examples], np.int32))
+    # SFT rows hold max_len inputs plus one more token as the last target.
+    pairs = [tokenize_dialogue(ex.messages, tok, max_len + 1) for ex in examples]
+    return Encoded([p[0] for p in pairs], in_loss=[p[1] for p in pairs])
+
+
+def make_batch(enc: Encoded, rows: np.ndarray, batch_size: int, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Left-padded batch of `rows` (then weight-0 filler rows up to batch_size)."""
+    sft = enc.in_loss is not None
+    lengths = [len(enc.ids[r]) - sft for r in rows]
+    T = bucket(max(lengths), max_len)
+    tokens_BxT = np.full((batch_size, T), pad_id, np.int32)
+    start_B = np.full((batch_size,), T - 1, np.int32)  # filler rows: one pad token
+    weight_B = np.zeros((batch_size,), np.float32)
+    batch: dict[str, np.ndarray] = {}
+    if sft:
+        target_BxT = np.full((batch_size, T), pad_id, np.int32)
+        mask_BxT = np.zeros((batch_size, T), np.float32)
+    for b, r in enumerate(rows):
+        ids, n = enc.ids[r], lengths[b]
+        start_B[b], weight_B[b] = T - n, 1.0
+        tokens_BxT[b, T - n:] = ids[:n]
+        if sft:
+            target_BxT[b, T - n:] = ids[1:n + 1]
+            mask_BxT[b, T - n:] = enc.in_loss[r][1:n + 1]  # loss on a target iff it is an assistant token
+    batch.update(tokens=tokens_BxT, start=start_B, weight=weight_B)
+    if sft:
+        batch.update(targets=target_BxT, mask=mask_BxT)
+    else:
+        label_B = np.zeros((batch_size,), np.int32)
+        label_B[:len(rows)] = enc.label_N[rows]
+        batch["label"] = label_B
+    return batch
+
+
+def train_batches(enc: Encoded, batch_size: int, max_len: int, pad_id: int, seed: int,
+                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches: each epoch shuffles, sorts windows of 16 batches by length (less padding), cuts
+    them into batches and shuffles the batch order. A pure function of (seed, epoch)."""
+    n = len(enc)
+    if n < batch_size:
+        raise ValueError(f"{n} training examples are fewer than the batch size {batch_size}")
+    lengths = np.asarray([len(ids) for ids in enc.ids])
+    step, epoch = 0, 0
+    while True:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(n)
+        window = 16 * batch_size
+        order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                                for chunk in np.array_split(order, max(1, -(-n // window)))])
+        batches = [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+        for k in rng.permutation(len(batches)):
+            if step >= start_step:
+                yield make_batch(enc, batches[k], batch_size, max_len, pad_id)
+            step += 1
+        epoch += 1
+
+
+def eval_batches(enc: Encoded, batch_size: int, max_len: int, pad_id: int) -> Iterator[tuple[np.ndarray, dict]]:
+    """(example indices, batch) over every example once, sorted by length so buckets stay tight."""
+    order = np.argsort([len(ids) for ids in enc.ids], kind="stable")
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        yield rows, make_batch(enc, rows, batch_size, max_len, pad_id)

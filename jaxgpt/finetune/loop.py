@@ -1,0 +1,229 @@
+"""The fine-tune loop: pretrained run -> task data -> jitted steps -> validation, selection, test.
+
+A fine-tune run dir holds config.json (the pretrained model's config plus `train.*` and `finetune.*`),
+tokenizer/ (copied), checkpoints/ (latest and best by the selection metric), metrics.jsonl and, at the
+end, test_metrics.json for the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxgpt import config as config_lib
+from jaxgpt import sharding
+from jaxgpt.config import Config
+from jaxgpt.data import tokenizers
+from jaxgpt.errors import JaxgptError
+from jaxgpt.finetune import batches as batch_lib
+from jaxgpt.finetune import evaluate as eval_lib
+from jaxgpt.finetune import optim, step as step_lib
+from jaxgpt.finetune.checkpoint import BestCheckpoints
+from jaxgpt.finetune.data import describe, load_task
+from jaxgpt.finetune.heads import POOLINGS, init_head
+from jaxgpt.finetune.metrics import EarlyStopping, selection_metric
+from jaxgpt.model import init_params, validate
+from jaxgpt.train.checkpoint import restore_params
+from jaxgpt.train.metrics_log import MetricsLog
+
+# Model keys a fine-tune may change; the architecture comes from the pretrained run.
+MODEL_KEYS = ("dropout", "lora_rank", "lora_alpha", "lora_targets", "dtype", "remat", "attention")
+
+
+def load_config(path: str | None, overrides: list[str], init_from: str | None) -> Config:
+    """Pretrained run's model/data/seed + the fine-tune YAML and overrides (train.*, finetune.*, a few model.*)."""
+    flat = config_lib.read_yaml(path) if path else {}
+    flat.update(config_lib.parse_overrides(overrides))
+    init_from = init_from or flat.get("finetune.init_from", "")
+    if not init_from:
+        raise JaxgptError("pass --init-from RUN_DIR (a pretrained run) or set finetune.init_from")
+    saved = Path(init_from) / "config.json"
+    if not saved.is_file():
+        raise JaxgptError(f"--init-from '{init_from}' is not a jaxgpt run dir (no config.json)")
+    base = {k: v for k, v in config_lib.read_json_flat(saved).items() if k.split(".")[0] in ("model", "data", "seed")}
+    for key in flat:
+        if key.startswith("model.") and key.split(".", 1)[1] not in MODEL_KEYS:
+            raise JaxgptError(f"'{key}' comes from the pretrained run; a fine-tune may set model."
+                              f"{{{', '.join(MODEL_KEYS)}}}")
+    return config_lib.build({**base, **flat, "finetune.init_from": str(init_from)})
+
+
+def _class_weights(spec: str, labels: list[str], label_N: np.ndarray) -> np.ndarray:
+    C = len(labels)
+    if not spec:
+        return np.ones(C, np.float32)
+    if spec == "balanced":  # inverse frequency, mean 1 over examples
+        counts = np.bincount(label_N, minlength=C).astype(np.float32)
+        return np.where(counts > 0, len(label_N) / (C * np.maximum(counts, 1)), 0.0).astype(np.float32)
+    try:
+        weights = np.asarray([float(w) for w in spec.split(",")], np.float32)
+    except ValueError:
+        raise JaxgptError(f"finetune.class_weights '{spec}' must be 'balanced' or numbers") from None
+    if len(weights) != C:
+        raise JaxgptError(f"finetune.class_weights has {len(weights)} numbers for {C} classes ({', '.join(labels)})")
+    return weights
+
+
+def initial_params(cfg: Config, n_classes: int, rng: jax.Array):
+    """{"gpt": pretrained weights (+ fresh LoRA adapters), "head": new head} or a random init (from_scratch)."""
+    init_rng, head_rng = jax.random.split(rng)
+    gpt = init_params(cfg.model, init_rng)
+    if not cfg.finetune.from_scratch:
+        base_cfg = config_lib.replace(cfg, **{"model.lora_rank": 0}).model
+        abstract = jax.eval_shape(lambda: init_params(base_cfg, jax.random.key(0)))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        pretrained, _ = restore_params(cfg.finetune.init_from, abstract, "best")
+        gpt = _overlay(gpt, pretrained)
+    params = {"gpt": gpt}
+    if n_classes:
+        params["head"] = init_head(head_rng, cfg.model.n_embd, n_classes)
+    return params
+
+
+def _overlay(fresh: dict, pretrained: dict) -> dict:
+    # Pretrained values wherever the pretrained tree has the key; LoRA adapters keep their fresh init.
+    return {k: (_overlay(v, pretrained[k]) if isinstance(v, dict) else pretrained[k]) if k in pretrained else v
+            for k, v in fresh.items()}
+
+
+def check(cfg: Config) -> None:
+    ft, tc = cfg.finetune, cfg.train
+    if ft.pooling not in POOLINGS:
+        raise JaxgptError(f"finetune.pooling must be one of {', '.join(POOLINGS)}, got '{ft.pooling}'")
+    for name in ("steps", "batch_size", "eval_every", "log_every"):
+        if getattr(tc, name) <= 0:
+            raise JaxgptError(f"train.{name} must be positive, got {getattr(tc, name)}")
+    if not 0 <= ft.plateau_factor < 1:
+        raise JaxgptError(f"finetune.plateau_factor must be in [0, 1), got {ft.plateau_factor}")
+    if ft.max_len > cfg.model.block_size:
+        raise JaxgptError(f"finetune.max_len ({ft.max_len}) exceeds model.block_size ({cfg.model.block_size})")
+
+
+class FineTuner:
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        if (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
+            raise JaxgptError(f"'{run_dir}' already holds a fine-tune; pass a new --run-dir")
+        check(cfg)
+        validate(cfg.model)
+        self.tok = tokenizers.load(Path(cfg.finetune.init_from) / "tokenizer")
+        self.task = load_task(cfg.finetune)
+        ft = cfg.finetune
+        cfg = config_lib.replace(cfg, **{"finetune.task": self.task.task, "finetune.labels": ",".join(self.task.labels)})
+        self.cfg = cfg
+        self.max_len = ft.max_len or cfg.model.block_size
+        self.metric, self.mode = selection_metric(self.task.task, ft.metric)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(Path(ft.init_from) / "tokenizer", self.run_dir / "tokenizer", dirs_exist_ok=True)
+        config_lib.save_json(cfg, self.run_dir / "config.json")
+        (self.run_dir / "task.json").write_text(json.dumps(describe(self.task), indent=1) + "\n")
+        enc = {s: batch_lib.encode(self.task.split(s), self.task.task, self.tok, self.max_len, self.task.labels)
+               for s in ("train", "val")}
+        self.enc = enc
+        self.mesh = sharding.make_mesh(cfg.mesh)
+
+    def run(self) -> dict[str, Any]:
+        cfg, ft, tc, task = self.cfg, self.cfg.finetune, self.cfg.train, self.task
+        init_rng, dropout_rng = jax.random.split(jax.random.key(cfg.seed))
+        params = initial_params(cfg, len(task.labels), init_rng)
+        trainable = optim.trainable_tree(params, cfg.model, ft)
+        tx, lr_schedule = optim.make_optimizer(tc, cfg.model, ft, params, trainable)
+        class_w = _class_weights(ft.class_weights, task.labels, self.enc["train"].label_N) if task.task == "classify" \
+            else np.ones(1, np.float32)
+        steps = step_lib.build(cfg.model, task.task, ft.pooling, class_w, tx, lr_schedule, trainable, self.mesh)
+        n_train, n_total = optim.count(params, trainable)
+        print(f"jaxgpt finetune: {task.task} on {ft.source} ({len(task.train)} train / {len(task.val)} val / "
+              f"{len(task.test)} test), {n_train / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trainable "
+              f"({100 * n_train / n_total:.2f}%), selecting by val {self.metric}")
+        plateau = optax.contrib.reduce_on_plateau(factor=ft.plateau_factor, patience=ft.plateau_patience) \
+            if ft.plateau_factor > 0 else None
+        plateau_state = plateau.init({}) if plateau else None
+        stopper = EarlyStopping(ft.patience, ft.min_delta, self.mode)
+        ckpt = BestCheckpoints(self.run_dir, self.metric, self.mode)
+        log = MetricsLog(self.run_dir, 0)
+        stream = batch_lib.train_batches(self.enc["train"], tc.batch_size, self.max_len, self.tok.eos_id, cfg.seed)
+        lr_scale = 1.0
+        summary: dict[str, Any] = {"trainable_params": n_train, "total_params": n_total}
+        bar = tqdm(total=tc.steps, disable=not tc.progress, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        try:
+            with jax.set_mesh(self.mesh), step_lib.rules():
+                state = step_lib.init_state(params, tx, steps.param_shardings)
+                for done in range(1, tc.steps + 1):
+                    state, m = steps.step(state, steps.put_batch(next(stream)), dropout_rng, np.float32(lr_scale))
+                    loss = float(m["loss"])
+                    if not math.isfinite(loss):
+                        raise JaxgptError(f"fine-tune loss became {loss} at step {done}; lower train.lr")
+                    record: dict[str, Any] = {}
+                    if done % tc.log_every == 0:
+                        record = {"step": done, "train_loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
+                        bar.set_postfix(loss=f"{loss:.3f}")
+                    stop = False
+                    if done % tc.eval_every == 0 or done == tc.steps:
+                        val = eval_lib.evaluate(self.cfg, steps.eval, state["params"], task, "val", self.enc["val"],
+                                                self.tok, self.max_len, steps.put_batch)
+                        record.update({"step": done, **{f"val_{k}": v for k, v in val.items()}})
+                        ckpt.save(done, state["params"], val)
+                        stop = stopper.update(val[self.metric], done)
+                        if plateau:
+                            _, plateau_state = plateau.update({}, plateau_state, value=val["loss"])
+                            lr_scale = float(plateau_state.scale)
+                    if record:
+                        log.write(record)
+                        summary.update(record)
+                    bar.update(1)
+                    if stop:
+                        print(f"\nearly stop at step {done}: val {self.metric} has not improved by more than "
+                              f"{ft.min_delta} for {ft.patience} evaluations (best {stopper.best:.4f} at step "
+                              f"{stopper.best_step})")
+                        break
+        finally:
+            bar.close()
+            log.close()
+            ckpt.close()
+        summary.update(step=done, best_step=stopper.best_step, best_val=stopper.best,
+                       seconds=round(time.perf_counter() - t_start, 1))
+        if task.test:
+            summary["test"] = evaluate_run(self.run_dir, "test", task=task)
+        return summary
+
+
+def finetune(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Fine-tune `cfg.finetune.init_from` on the task; returns the summary (with test metrics)."""
+    return FineTuner(cfg, run_dir).run()
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", task=None) -> dict[str, float]:
+    """Evaluate a fine-tune run's checkpoint on a split; writes RUN_DIR/{split}_metrics.json."""
+    from jaxgpt.finetune.infer import load_params
+
+    run_dir = Path(run_dir)
+    cfg, params, meta = load_params(run_dir, checkpoint)
+    task = task or load_task(cfg.finetune)
+    examples = task.split(split)
+    if not examples:
+        raise JaxgptError(f"the task has no '{split}' examples; set finetune.test_source or use --split val")
+    tok = tokenizers.load(run_dir / "tokenizer")
+    max_len = cfg.finetune.max_len or cfg.model.block_size
+    enc = batch_lib.encode(examples, task.task, tok, max_len, task.labels)
+    mesh = sharding.make_mesh(cfg.mesh)
+    eval_step = jax.jit(step_lib.make_eval_step(cfg.model, task.task, cfg.finetune.pooling))
+
+    def put(batch):
+        return {k: jax.device_put(v) for k, v in batch.items()}
+
+    with jax.set_mesh(mesh), step_lib.rules():
+        metrics = eval_lib.evaluate(cfg, eval_step, params, task, split, enc, tok, max_len, put)
+    metrics = {"step": meta["step"], "n": len(examples), **metrics}
+    (run_dir / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
