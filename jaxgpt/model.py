@@ -10,6 +10,7 @@ carries logical axis names; `jaxgpt.sharding` maps them onto a device mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -24,6 +25,36 @@ Cache = dict[str, dict[str, jax.Array]]  # {"h_0": {"k": BxSxHxK, "v": BxSxHxK},
 
 def _normal(std: float):
     return nn.initializers.normal(stddev=std)
+
+
+def _dot_specs(x_ndim: int, n_in: int, n_out: int) -> tuple[str, str, str]:
+    """einsum specs for y = x . w over n_in axes, and its two gradients (letters: batch, in, out)."""
+    b, i, o = "abcdefgh"[:x_ndim - n_in], "ijkl"[:n_in], "mnop"[:n_out]
+    return f"{b}{i},{i}{o}->{b}{o}", f"{b}{o},{i}{o}->{b}{i}", f"{b}{i},{b}{o}->{i}{o}"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_dot(x, w, n_in: int) -> jax.Array:
+    """x . w in the inputs' dtype with a float32 result. For bf16 inputs the custom gradient keeps both
+    backward dots in bf16 with f32 accumulation too (autodiff alone would run them in f32)."""
+    fwd, _, _ = _dot_specs(x.ndim, n_in, w.ndim - n_in)
+    return jnp.einsum(fwd, x, w, preferred_element_type=jnp.float32)
+
+
+def _mixed_dot_fwd(x, w, n_in):
+    return mixed_dot(x, w, n_in), (x, w)
+
+
+def _mixed_dot_bwd(n_in, residuals, g):
+    x, w = residuals
+    _, dx_spec, dw_spec = _dot_specs(x.ndim, n_in, w.ndim - n_in)
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(dx_spec, g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum(dw_spec, x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 
 class Linear(nn.Module):
@@ -45,11 +76,8 @@ class Linear(nn.Module):
             "kernel", nn.with_logical_partitioning(_normal(self.std), self.kernel_axes),
             self.kernel_shape, self.param_dtype)
         contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
-        contract_k = tuple(range(self.n_in))
         # f32 accumulation even for bf16 inputs; the result goes back to the compute dtype.
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), ((contract_x, contract_k), ((), ())),
-            preferred_element_type=jnp.float32)
+        y = mixed_dot(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.n_in:]),
