@@ -85,6 +85,22 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--prompt-buckets", default="16,64", help="prompt lengths (padded up to the next bucket)")
     exp.add_argument("--max-new-tokens", type=int, default=128)
 
+    al = sub.add_parser("active", help="active learning: fine-tune, query the most useful labels, repeat")
+    al.add_argument("--config", help="active-learning YAML (train:, finetune:, active:)")
+    al.add_argument("--init-from", help="the pretrained run dir")
+    al.add_argument("--run-dir", required=True, help="run dir for the rounds (running again resumes)")
+    al.add_argument("--rounds", type=int, help="fine-tunes in all; a query follows each but the last")
+    al.add_argument("--query-size", type=int, help="labels asked for per round")
+    al.add_argument("--strategy", help="random | least_confidence | margin | entropy | bald")
+    al.add_argument("--annotate-file", help="write each query here for a person to label; rerun once filled in")
+    al.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. active.diversity=4 seed=1")
+
+    plot = sub.add_parser("plot", help="learning curves of several `jaxgpt active` run dirs on one PNG")
+    plot.add_argument("--curves", nargs="+", required=True, metavar="DIR", help="run dirs of `jaxgpt active`")
+    plot.add_argument("--out", default="curves.png", help="PNG to write")
+    plot.add_argument("--target", type=float, help="also report the labels each strategy needs to reach this")
+    plot.add_argument("--metric", default="test_accuracy", help="metric for --target (and the first panel)")
+
     rl = sub.add_parser("rl", help="RL fine-tuning (GRPO) of a pretrained run dir against a reward")
     rl.add_argument("--config", help="RL YAML (train:, rl:)")
     rl.add_argument("--init-from", help="the pretrained run dir (initial policy and frozen reference)")
@@ -258,6 +274,35 @@ def _rl(args) -> None:
     print(f"done: {shown}; run dir {args.run_dir}")
 
 
+def _active(args) -> None:
+    from jaxgpt import active
+
+    flags = {"rounds": args.rounds, "query_size": args.query_size, "strategy": args.strategy,
+             "annotate_file": args.annotate_file}
+    overrides = args.overrides + [f"active.{k}={v}" for k, v in flags.items() if v is not None]
+    curve = active.run(*active.load_config(args.config, overrides, args.init_from), args.run_dir)
+    for r in curve:
+        print(f"round {r['round']}: {r['labelled']} labels  val acc {r['val_accuracy']:.4f} macro-F1 "
+              f"{r['val_macro_f1']:.4f}  test acc {r.get('test_accuracy', float('nan')):.4f} macro-F1 "
+              f"{r.get('test_macro_f1', float('nan')):.4f}")
+    print(f"curve: {os.path.join(args.run_dir, 'active_curve.jsonl')}")
+
+
+def _plot(args) -> None:
+    from jaxgpt.active import plot
+
+    metrics = (args.metric, *[m for m in ("test_accuracy", "test_macro_f1") if m != args.metric])
+    out = plot.plot_curves(args.curves, args.out, metrics, args.target)
+    print(f"wrote {out}")
+    if args.target is not None:
+        rows = plot.summarize([plot.read_curve(d) for d in args.curves], args.metric, args.target)
+        for row in rows:
+            print(f"{row['strategy']}: seeds {row['seeds']}, final {args.metric} {row[f'final_{args.metric}']:.4f}, "
+                  f"labels to reach {args.target}: mean curve {row['labels_mean_curve']}, "
+                  f"per seed {row['labels_per_seed']}")
+        print("JSON " + __import__("json").dumps(rows))
+
+
 def _convert(args) -> None:
     from jaxgpt.convert import hf
 
@@ -280,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"train": _train, "generate": _generate, "convert": _convert, "finetune": _finetune,
          "evaluate": _evaluate, "chat": _chat, "perplexity": _perplexity, "serve": _serve,
-         "export": _export, "rl": _rl, "dpo": _rl}[args.command](args)
+         "export": _export, "rl": _rl, "dpo": _rl,
+         "active": _active, "plot": _plot}[args.command](args)
     except JaxgptError as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,317 @@
+"""The RL loop (sample -> reward -> group advantages -> jitted rl_step) and the DPO loop.
+
+An RL run dir holds config.json (the pretrained run's model/data/seed plus `train.*` and `rl.*`),
+tokenizer/, checkpoints/ (Orbax, as pretraining; `jaxgpt.load(run_dir)` reads them), rl_metrics.jsonl,
+rl_samples.jsonl (held-out samples at every evaluation) and rl_reward.png. Sampling keys and prompt
+choices are functions of (seed, step), so running the same command again resumes where it stopped.
+
+The checkpoint metric ("val_loss" in jaxgpt.train.checkpoint) is the negated mean held-out reward for GRPO,
+so `jaxgpt.load(run_dir)` gives the policy with the best held-out reward; for DPO it is the held-out DPO loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxgpt import config as config_lib
+from jaxgpt import rundir, sharding
+from jaxgpt.config import Config
+from jaxgpt.errors import JaxgptError
+from jaxgpt.generate import left_pad, prompt_bucket
+from jaxgpt.rl import dpo as dpo_lib
+from jaxgpt.rl import grpo, plot, policy, rewards
+from jaxgpt.rl.config import check
+from jaxgpt.rl.prompts import load_prompts
+from jaxgpt.train.checkpoint import Checkpointer
+from jaxgpt.train.signals import StopRequest
+
+METRICS_FILE = "rl_metrics.jsonl"
+
+
+class JsonlLog:
+    """Append-only JSONL from process 0; a resumed run first drops lines past its checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path, self.enabled = path, jax.process_index() == 0
+        if self.enabled and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({k: v if isinstance(v, (int, str)) else float(v) for k, v in record.items()}) + "\n")
+
+
+class _Run:
+    """What both loops share: config, tokenizer, mesh, train state, frozen reference, checkpoints."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, updates_per_step: int):
+        import jaxgpt
+
+        check(cfg)
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        init = jaxgpt.load(cfg.rl.init_from)
+        if not isinstance(init, jaxgpt.LanguageModel):
+            raise JaxgptError(f"--init-from '{cfg.rl.init_from}' is a {type(init).__name__}, not a language model")
+        cfg = rundir.resolve_config(self.run_dir, cfg)
+        self.cfg, self.tok = cfg, init.tokenizer
+        self.n_vocab = self.tok.vocab_size
+        if jax.process_index() == 0:
+            config_lib.save_json(cfg, rundir.config_path(self.run_dir))
+            if not (self.run_dir / "tokenizer" / "tokenizer.json").is_file():
+                self.tok.save(self.run_dir / "tokenizer")
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.ps = policy.policy_state(cfg.model, policy.updates_train_config(cfg.train, updates_per_step), self.mesh)
+        self.ckpt = Checkpointer(self.run_dir)
+        with self.context():
+            self.ref_params = self.ps.frozen_copy(init.params)  # before the state (donated each step) may alias it
+            restored = self.ckpt.restore_latest(self.ps.abstract)
+            self.state = restored if restored is not None else self.ps.fresh(init.params)
+        self.start = int(self.state["step"])
+
+    def context(self) -> contextlib.ExitStack:
+        """The mesh and logical-axis rules every jitted call runs under."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(sharding.RULES))
+        return stack
+
+    def jit_step(self, fn, batch_example: dict[str, np.ndarray], extra_args: int = 0):
+        """fn(state, ref_params, batch, *replicated) jitted with shardings; the state is donated."""
+        rows = {k: self.ps.rows(v.ndim) for k, v in batch_example.items()}
+        replicated = sharding.replicated(self.mesh)
+        return jax.jit(fn, in_shardings=(self.ps.shardings, self.ps.shardings["params"], rows,
+                                         *([replicated] * extra_args)),
+                       out_shardings=(self.ps.shardings, replicated), donate_argnums=0)
+
+    def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.device_put(v, self.ps.rows(v.ndim)) for k, v in batch.items()}
+
+    def check_rows(self, rows: int, what: str) -> None:
+        n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if rows % n:
+            raise JaxgptError(f"{what} ({rows} rows) must be divisible by mesh.data x mesh.fsdp ({n})")
+
+
+def _finite(metrics: dict[str, Any], step: int) -> dict[str, float]:
+    out = {k: float(v) for k, v in metrics.items()}
+    if not math.isfinite(out["loss"]):
+        raise JaxgptError(f"the loss became {out['loss']} at step {step}; stopped without saving it. "
+                          "Lower train.lr, then run the same command to resume")
+    return out
+
+
+class GRPOLoop(_Run):
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        super().__init__(cfg, run_dir, cfg.rl.ppo_epochs * cfg.rl.minibatches)
+        rl = self.cfg.rl
+        self.reward_fn = rewards.make_reward(rl)
+        train_texts, eval_texts = load_prompts(self.cfg)
+        self.train_prompts = [(t, self._encode(t)) for t in train_texts]
+        self.eval_prompts = [(t, self._encode(t)) for t in eval_texts]
+        self.B = rl.prompts_per_step * rl.group_size
+        self.check_rows(self.B, "rl.prompts_per_step x rl.group_size")
+        self.check_rows(self.B // rl.minibatches, "a minibatch")
+        # One prompt width for every batch: one compilation of the sampler and the step.
+        longest = max(len(ids) for _, ids in self.train_prompts + self.eval_prompts)
+        self.P = min(prompt_bucket(longest), self.cfg.model.block_size - rl.max_new_tokens)
+        P, cfg, nv = self.P, self.cfg.model, self.n_vocab
+        self.old_logp = jax.jit(
+            lambda p, t, s: policy.gather(policy.completion_logprobs(cfg, p, t, s, nv, P), t[:, P:]))
+        self.kl_of = jax.jit(lambda p, r, t, s: grpo.token_kl(policy.completion_logprobs(cfg, p, t, s, nv, P),
+                                                              policy.completion_logprobs(cfg, r, t, s, nv, P),
+                                                              t[:, P:], "exact"))
+        self.step_fn = None
+        self.samples_log = JsonlLog(self.run_dir / "rl_samples.jsonl", self.start)
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            ids = self.tok.encode(text) or [self.tok.eos_id]
+        except JaxgptError as e:
+            raise JaxgptError(f"prompt {text[:40]!r}: {e}") from None
+        return ids[-(self.cfg.model.block_size - self.cfg.rl.max_new_tokens):]  # long prompts keep their end
+
+    def rollout(self, params, prompts: list[tuple[str, list[int]]], keys_B) -> dict[str, Any]:
+        """Sample one completion per row; the decoded texts, rewards, token mask and stored log-probs."""
+        rl, eos = self.cfg.rl, self.tok.eos_id
+        tokens_BxP, start_B = left_pad([ids for _, ids in prompts], eos, self.P)
+        seq_BxL = policy.sample(self.cfg.model, params, tokens_BxP, start_B, keys_B, rl.max_new_tokens, eos,
+                                self.n_vocab, rl.temperature)
+        completion_BxN = seq_BxL[:, self.P:]
+        mask_BxN = policy.completion_mask(completion_BxN, eos)
+        texts = [self.tok.decode([t for t, m in zip(row, keep) if m and t != eos])
+                 for row, keep in zip(completion_BxN.tolist(), mask_BxN.tolist())]
+        scores = rewards.score(self.reward_fn, [p for p, _ in prompts], texts)
+        return {"tokens_BxL": seq_BxL, "start_B": start_B, "mask_BxN": mask_BxN, "texts": texts,
+                "rewards_B": np.asarray(scores, np.float32)}
+
+    def train_batch(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        rl = self.cfg.rl
+        rng = np.random.default_rng([self.cfg.seed, step])
+        n = len(self.train_prompts)
+        chosen = rng.choice(n, rl.prompts_per_step, replace=n < rl.prompts_per_step)
+        prompts = [self.train_prompts[i] for i in chosen for _ in range(rl.group_size)]
+        ro = self.rollout(self.state["params"], prompts, policy.row_keys(self.cfg.seed, step, self.B))
+        adv_B = grpo.group_advantages(ro["rewards_B"].reshape(rl.prompts_per_step, rl.group_size), rl.adv_eps)
+        batch = {"tokens_BxL": ro["tokens_BxL"], "start_B": ro["start_B"], "mask_BxN": ro["mask_BxN"],
+                 "adv_B": adv_B.reshape(-1)}
+        batch["old_logp_BxN"] = np.asarray(self.old_logp(self.state["params"], batch["tokens_BxL"], batch["start_B"]))
+        return batch, ro
+
+    def evaluate(self, params, step: int) -> dict[str, float]:
+        """Mean reward and KL to the reference on the held-out prompts, with the same sampling keys every time."""
+        rl = self.cfg.rl
+        prompts = [p for p in self.eval_prompts for _ in range(rl.eval_samples)]
+        ro = self.rollout(params, prompts, policy.row_keys(self.cfg.seed + 1, 0, len(prompts)))
+        kl_BxN = np.asarray(self.kl_of(params, self.ref_params, ro["tokens_BxL"], ro["start_B"]))
+        mask_BxN = ro["mask_BxN"]
+        samples = [{"step": step, "prompt": p, "completion": t, "reward": float(r)}
+                   for (p, _), t, r in list(zip(prompts, ro["texts"], ro["rewards_B"]))[::rl.eval_samples][:8]]
+        for s in samples:
+            self.samples_log.write(s)
+        return {"eval_reward": float(ro["rewards_B"].mean()),
+                "eval_kl": float((kl_BxN * mask_BxN).sum() / mask_BxN.sum()),  # per token
+                "eval_kl_seq": float((kl_BxN * mask_BxN).sum(1).mean()),  # per completion
+                "eval_len": float(mask_BxN.sum(1).mean())}
+
+    def run(self) -> dict[str, Any]:
+        cfg, tc = self.cfg, self.cfg.train
+        is_main = jax.process_index() == 0
+        log = JsonlLog(self.run_dir / METRICS_FILE, self.start)
+        summary: dict[str, Any] = {"step": self.start}
+        try:
+            with self.context(), StopRequest() as stop:
+                if self.start >= tc.steps:
+                    print(f"run dir already trained to step {self.start} (train.steps={tc.steps})")
+                    return summary
+                if self.start == 0:
+                    before = self.evaluate(self.state["params"], 0)
+                    log.write({"step": 0, **before})
+                    summary["eval_reward_before"] = before["eval_reward"]
+                    if is_main:
+                        print(f"jaxgpt rl: held-out reward before {before['eval_reward']:.4f}; "
+                              f"{len(self.train_prompts)} train prompts, {self.B} samples/step, prompt width {self.P}")
+                bar = tqdm(total=tc.steps, initial=self.start, disable=not (tc.progress and is_main),
+                           dynamic_ncols=True)
+                try:
+                    for step in range(self.start, tc.steps):
+                        summary.update(self._one_step(step, log, bar, stop))
+                        if stop.requested:
+                            print(f"\n{stop.signal_name}: saved step {step + 1}; run the same command to resume")
+                            break
+                finally:
+                    bar.close()
+        finally:
+            self.ckpt.close()
+            if is_main:
+                plot.plot_run(self.run_dir)
+        return summary
+
+    def _one_step(self, step: int, log: JsonlLog, bar, stop) -> dict[str, Any]:
+        tc = self.cfg.train
+        t0 = time.perf_counter()
+        batch, ro = self.train_batch(step)
+        if self.step_fn is None:
+            fn = grpo.make_rl_step(self.cfg.model, self.cfg.rl, self.ps.tx, self.n_vocab, self.P)
+            self.step_fn = self.jit_step(fn, batch, extra_args=1)
+        self.state, metrics = self.step_fn(self.state, self.ref_params, self.put(batch), jax.random.key(self.cfg.seed))
+        done = step + 1
+        record = {"step": done, "reward": float(ro["rewards_B"].mean()), "reward_std": float(ro["rewards_B"].std()),
+                  **_finite(metrics, done), "completion_len": float(batch["mask_BxN"].sum(1).mean()),
+                  "sec": time.perf_counter() - t0}
+        last = done == tc.steps or stop.requested
+        if done % tc.eval_every == 0 or done % tc.save_every == 0 or last:
+            record.update(self.evaluate(self.state["params"], done))
+        if done % tc.log_every == 0 or "eval_reward" in record:
+            log.write(record)
+        if done % tc.save_every == 0 or last:
+            self.ckpt.save(done, self.state, -record["eval_reward"])
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}", clip=f"{record['clip_frac']:.2f}")
+        bar.update(1)
+        return record
+
+
+class DPOLoop(_Run):
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        super().__init__(cfg, run_dir, 1)
+        pairs = dpo_lib.read_pairs(self.cfg.rl.data)
+        encoded = dpo_lib.encode_pairs(self.tok, pairs, self.cfg.model.block_size)
+        vf = self.cfg.rl.val_fraction
+        period = max(2, round(1 / vf)) if vf > 0 and len(encoded) >= 10 else 0
+        self.val = [e for i, e in enumerate(encoded) if period and i % period == period // 2]
+        self.train = [e for i, e in enumerate(encoded) if not (period and i % period == period // 2)]
+        self.K = self.cfg.train.batch_size
+        self.check_rows(2 * self.K, "2 x train.batch_size")
+        fn = dpo_lib.make_dpo_step(self.cfg.model, self.cfg.rl.dpo_beta, self.ps.tx, self.n_vocab)
+        self.step_fn = self.jit_step(fn, {"tokens_BxL": np.zeros((2, 2), np.int32), "mask_BxL": np.zeros((2, 2))})
+        self.eval_fn = jax.jit(dpo_lib.make_dpo_eval(self.cfg.model, self.cfg.rl.dpo_beta, self.n_vocab))
+
+    def batch(self, pairs) -> dict[str, np.ndarray]:
+        return dpo_lib.pair_batch(pairs, self.tok.eos_id, self.cfg.model.block_size)
+
+    def evaluate(self, params) -> dict[str, float]:
+        """Held-out DPO loss, preference accuracy and margin, weighted by pairs."""
+        if not self.val:
+            return {}
+        sums: dict[str, float] = {}
+        for i in range(0, len(self.val), self.K):
+            chunk = self.val[i:i + self.K]
+            m = self.eval_fn(params, self.ref_params, self.batch(chunk))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
+        return {f"val_{k}": v / len(self.val) for k, v in sums.items()}
+
+    def run(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        is_main = jax.process_index() == 0
+        log = JsonlLog(self.run_dir / METRICS_FILE, self.start)
+        summary: dict[str, Any] = {"step": self.start}
+        try:
+            with self.context(), StopRequest() as stop:
+                if self.start == 0 and self.val:
+                    log.write({"step": 0, **self.evaluate(self.state["params"])})
+                if is_main and self.start < tc.steps:
+                    print(f"jaxgpt dpo: {len(self.train)} train pairs, {len(self.val)} held out, steps "
+                          f"{self.start}->{tc.steps}")
+                for step in range(self.start, tc.steps):
+                    rng = np.random.default_rng([self.cfg.seed, step])
+                    chosen = rng.choice(len(self.train), self.K, replace=len(self.train) < self.K)
+                    batch = self.put(self.batch([self.train[i] for i in chosen]))
+                    self.state, metrics = self.step_fn(self.state, self.ref_params, batch)
+                    done = step + 1
+                    record = {"step": done, **_finite(metrics, done)}
+                    last = done == tc.steps or stop.requested
+                    if done % tc.eval_every == 0 or done % tc.save_every == 0 or last:
+                        record.update(self.evaluate(self.state["params"]))
+                    if done % tc.log_every == 0 or "val_loss" in record or last:
+                        log.write(record)
+                    if done % tc.save_every == 0 or last:
+                        # Without held-out pairs, the training batch's loss stands in for the selection metric.
+                        self.ckpt.save(done, self.state, record.get("val_loss", record["loss"]))
+                    summary.update(record)
+                    if stop.requested:
+                        print(f"\n{stop.signal_name}: saved step {done}; run the same command to resume")
+                        break
+        finally:
+            self.ckpt.close()
+            if is_main:
+                plot.plot_run(self.run_dir)
+        return summary
+
+
+def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+    """Train (or resume) an RL run: GRPO or DPO by cfg.rl.algorithm."""
+    loop = DPOLoop(cfg, run_dir) if cfg.rl.algorithm == "dpo" else GRPOLoop(cfg, run_dir)
+    return loop.run()
