@@ -180,8 +180,17 @@ def valid_keys(cls=Config, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str) -> JaxgptError:
-    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    section = key.split(".", 1)[0] + "."
+    in_section = [k for k in keys if k.startswith(section)]
+    if close:
+        hint = f"; did you mean '{close[0]}'?"
+    elif in_section:
+        hint = f"; keys of '{section[:-1]}': {', '.join(k.split('.', 1)[1] for k in in_section)}"
+    else:
+        sections = sorted({k.split(".", 1)[0] for k in keys if "." in k})
+        hint = f"; config sections are {', '.join(sections)} (plus 'seed')"
     return JaxgptError(f"unknown config key '{key}'{hint}")
 
 
