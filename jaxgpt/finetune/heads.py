@@ -26,17 +26,21 @@ def _rngs(rng):
     return None if rng is None else {"dropout": rng}
 
 
-def class_logits(cfg: ModelConfig, params, tokens_BxT, start_B, pooling: str = "last", rng=None) -> jax.Array:
-    """BxC float32 logits; dropout on when `rng` is given."""
+def pooled_hidden(cfg: ModelConfig, params, tokens_BxT, start_B, pooling: str = "last", rng=None) -> jax.Array:
+    """BxD float32 pooled final hidden states (the head's input); dropout on when `rng` is given."""
     h_BxTxD, _ = GPT(cfg).apply({"params": params["gpt"]}, tokens_BxT, start_B=start_B, deterministic=rng is None,
                                 rngs=_rngs(rng), return_hidden=True)
     h_BxTxD = h_BxTxD.astype(jnp.float32)
     if pooling == "last":
-        pooled_BxD = h_BxTxD[:, -1]
-    else:
-        T = tokens_BxT.shape[1]
-        real_BxT = (jnp.arange(T)[None, :] >= start_B[:, None]).astype(jnp.float32)
-        pooled_BxD = (h_BxTxD * real_BxT[..., None]).sum(1) / jnp.maximum(real_BxT.sum(1, keepdims=True), 1.0)
+        return h_BxTxD[:, -1]
+    T = tokens_BxT.shape[1]
+    real_BxT = (jnp.arange(T)[None, :] >= start_B[:, None]).astype(jnp.float32)
+    return (h_BxTxD * real_BxT[..., None]).sum(1) / jnp.maximum(real_BxT.sum(1, keepdims=True), 1.0)
+
+
+def class_logits(cfg: ModelConfig, params, tokens_BxT, start_B, pooling: str = "last", rng=None) -> jax.Array:
+    """BxC float32 logits; dropout on when `rng` is given."""
+    pooled_BxD = pooled_hidden(cfg, params, tokens_BxT, start_B, pooling, rng)
     return pooled_BxD @ params["head"]["kernel"] + params["head"]["bias"]
 
 

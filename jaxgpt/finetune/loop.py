@@ -28,7 +28,7 @@ from jaxgpt.finetune import batches as batch_lib
 from jaxgpt.finetune import evaluate as eval_lib
 from jaxgpt.finetune import optim, step as step_lib
 from jaxgpt.finetune.checkpoint import BestCheckpoints
-from jaxgpt.finetune.data import describe, load_task
+from jaxgpt.finetune.data import TaskData, describe, load_task
 from jaxgpt.finetune.heads import POOLINGS, init_head
 from jaxgpt.finetune.metrics import EarlyStopping, selection_metric
 from jaxgpt.model import init_params, validate
@@ -43,6 +43,11 @@ def load_config(path: str | None, overrides: list[str], init_from: str | None) -
     """Pretrained run's model/data/seed + the fine-tune YAML and overrides (train.*, finetune.*, a few model.*)."""
     flat = config_lib.read_yaml(path) if path else {}
     flat.update(config_lib.parse_overrides(overrides))
+    return config_from_flat(flat, init_from)
+
+
+def config_from_flat(flat: dict[str, Any], init_from: str | None) -> Config:
+    """load_config's merge, from an already flattened {dotted key: value} dict."""
     init_from = init_from or flat.get("finetune.init_from", "")
     if not init_from:
         raise JaxgptError("pass --init-from RUN_DIR (a pretrained run) or set finetune.init_from")
@@ -110,14 +115,15 @@ def check(cfg: Config) -> None:
 
 
 class FineTuner:
-    def __init__(self, cfg: Config, run_dir: str | Path):
+    def __init__(self, cfg: Config, run_dir: str | Path, task: TaskData | None = None):
+        """`task`: already loaded task data (e.g. a labelled subset); by default read from cfg.finetune."""
         self.run_dir = Path(run_dir)
         if (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
             raise JaxgptError(f"'{run_dir}' already holds a fine-tune; pass a new --run-dir")
         check(cfg)
         validate(cfg.model)
         self.tok = tokenizers.load(Path(cfg.finetune.init_from) / "tokenizer")
-        self.task = load_task(cfg.finetune)
+        self.task = task or load_task(cfg.finetune)
         ft = cfg.finetune
         cfg = config_lib.replace(cfg, **{"finetune.task": self.task.task, "finetune.labels": ",".join(self.task.labels)})
         self.cfg = cfg
