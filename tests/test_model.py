@@ -45,7 +45,7 @@ def _reference_forward(p, ids):
         return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
     T = len(ids)
-    H, K = CFG.n_head, CFG.n_embd // CFG.n_head
+    K = CFG.n_embd // CFG.n_head
     x = p["wte"][ids] + p["wpe"][:T]
     for i in range(CFG.n_layer):
         b = p[f"h_{i}"]

@@ -28,6 +28,7 @@ from jaxgpt import config as config_lib
 from jaxgpt.active import acquisition as acq
 from jaxgpt.config import Config
 from jaxgpt.data import tokenizers
+from jaxgpt.data.records import read_jsonl
 from jaxgpt.errors import JaxgptError
 from jaxgpt.finetune.batches import encode
 from jaxgpt.finetune.data import Example, TaskData, load_task
@@ -237,14 +238,8 @@ class ActiveLearner:
             raise JaxgptError(f"{len(self.state['pending'])} queried examples wait for labels; pass "
                               "--annotate-file with the filled-in file")
         pending, got = set(self.state["pending"]), {}
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JaxgptError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or record.get("id") not in pending:
+        for n, record in read_jsonl(path):
+            if record.get("id") not in pending:
                 raise JaxgptError(f"{path} line {n}: 'id' is not one of the examples this run asked about")
             label = str(record.get("label", "")).strip()
             if label not in self.task.labels:

@@ -283,7 +283,7 @@ def params_to_hf(cfg: Config | ModelConfig, params, n_vocab: int, hf_dir: str | 
         raise JaxgptError("Hugging Face GPT-2 always has biases; a model.bias=false model cannot be exported")
     if not 0 < n_vocab <= model.vocab_size:
         raise JaxgptError(f"n_vocab ({n_vocab}) must be in [1, model.vocab_size={model.vocab_size}]")
-    D, H, L = model.n_embd, model.n_head, model.n_layer
+    D, L = model.n_embd, model.n_layer
     p = unstack_layers(params, L)  # scan_layers params stack the blocks on a leading axis
 
     def f32(a, shape=None) -> np.ndarray:

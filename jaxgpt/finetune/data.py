@@ -17,8 +17,9 @@ import numpy as np
 
 from jaxgpt.config import FinetuneConfig
 from jaxgpt.data import sources
+from jaxgpt.data.records import read_jsonl
 from jaxgpt.errors import JaxgptError
-from jaxgpt.finetune.chat import render_messages, validate_messages
+from jaxgpt.finetune.chat import validate_messages
 
 TASKS = ("classify", "sft")
 
@@ -46,17 +47,8 @@ class TaskData:
 # ---- records from local files ------------------------------------------------------------------
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JaxgptError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise JaxgptError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
-            yield f"{path} line {n}", record
+    for n, record in read_jsonl(path):
+        yield f"{path} line {n}", record
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, dict]]:

@@ -7,7 +7,6 @@ scored too). Rows are right-padded: a pair is two rows, chosen and rejected, of 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -17,6 +16,7 @@ import numpy as np
 import optax
 
 from jaxgpt.config import ModelConfig
+from jaxgpt.data.records import read_jsonl
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import prompt_bucket
 from jaxgpt.rl.policy import next_token_logprobs
@@ -39,19 +39,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
     if not path.is_file():
         raise JaxgptError(f"preference data '{path}' not found; pass a JSONL file of {{prompt, chosen, rejected}}")
     pairs = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise JaxgptError(f"{path} is not UTF-8 text") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxgptError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise JaxgptError(f"{path} line {n}: expected a JSON object with {', '.join(FIELDS)}")
+    for n, record in read_jsonl(path):
         for field in FIELDS:
             if field not in record:
                 raise JaxgptError(f"{path} line {n}: missing field '{field}'")

@@ -187,7 +187,7 @@ class GRPOLoop(_Run):
                 "eval_len": float(mask_BxN.sum(1).mean())}
 
     def run(self) -> dict[str, Any]:
-        cfg, tc = self.cfg, self.cfg.train
+        tc = self.cfg.train
         is_main = jax.process_index() == 0
         log = JsonlLog(self.run_dir / METRICS_FILE, self.start)
         summary: dict[str, Any] = {"step": self.start}
