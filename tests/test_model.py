@@ -140,3 +140,24 @@ def test_gpt2_preset_sizes_and_flops():
 def test_bad_model_config():
     with pytest.raises(JaxgptError, match="divisible"):
         validate(ModelConfig(vocab_size=10, n_embd=30, n_head=4))
+
+
+@pytest.mark.parametrize("remat, scan", [("full", False), ("dots_saveable", True), ("none", True)])
+def test_remat_and_scan_give_the_same_loss_and_gradients(params, remat, scan):
+    import dataclasses
+
+    from jaxgpt.model import stack_layers, unstack_layers
+
+    x = tokens(2, 16)
+
+    def loss(p, cfg):
+        return GPT(cfg).apply({"params": p}, x)[0].astype(jnp.float32).std()
+
+    ref_loss, ref_grads = jax.value_and_grad(loss)(params, CFG)
+    cfg = dataclasses.replace(CFG, remat=remat, scan_layers=scan)
+    p = stack_layers(params, CFG.n_layer) if scan else params
+    got_loss, got_grads = jax.value_and_grad(loss)(p, cfg)
+    got_grads = unstack_layers(got_grads, CFG.n_layer) if scan else got_grads
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
