@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Set up jaxgpt on a Cloud TPU VM and train. One host:
-#   bash scripts/tpu_vm.sh setup && bash scripts/tpu_vm.sh train configs/gpt2.yaml gs://BUCKET/runs/gpt2
+#   bash scripts/tpu_vm.sh setup && bash scripts/tpu_vm.sh train configs/gpt2.yaml /mnt/shared/runs/gpt2
 # A multi-host slice (every worker runs the same command; JAX finds its peers from the TPU metadata):
 #   gcloud compute tpus tpu-vm scp --recurse . $TPU:~/jaxgpt --zone $ZONE --worker=all
 #   gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all \
-#     --command "cd ~/jaxgpt && bash scripts/tpu_vm.sh setup && bash scripts/tpu_vm.sh train configs/gpt2.yaml gs://BUCKET/runs/gpt2"
-# The run dir must be shared by all hosts (a gs:// bucket or NFS): Orbax writes one checkpoint from all
-# of them, and process 0 writes the tokenizer and logs there.
+#     --command "cd ~/jaxgpt && bash scripts/tpu_vm.sh setup && bash scripts/tpu_vm.sh train configs/gpt2.yaml /mnt/shared/runs/gpt2"
+# The run dir must be one folder every host sees (NFS, or a bucket mounted with gcsfuse; gs:// URLs are not
+# read directly): Orbax writes one checkpoint from all hosts, and process 0 writes the tokenizer and logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
