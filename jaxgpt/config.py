@@ -30,7 +30,7 @@ class ModelConfig:
     bias: bool = True
     dtype: str = "float32"  # activations and matmul inputs
     param_dtype: str = "float32"
-    attention: str = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs)
+    attention: str = "auto"  # auto | xla | blockwise (causal blocks; auto on CPUs, T >= 512) | cudnn (NVIDIA)
     remat: str = "none"  # none | full | dots_saveable: recompute activations in the backward pass
     scan_layers: bool = False  # nn.scan over blocks: compile time independent of depth
     lora_rank: int = 0  # > 0: LoRA adapters of this rank on the lora_targets projections

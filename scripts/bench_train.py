@@ -366,7 +366,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="jaxgpt compute dtype")
     p.add_argument("--remat", default="none", choices=["none", "dots_saveable", "full"])
     p.add_argument("--scan-layers", action="store_true")
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "blockwise", "cudnn"])
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
 

@@ -161,3 +161,19 @@ def test_remat_and_scan_give_the_same_loss_and_gradients(params, remat, scan):
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_blockwise_attention_equals_fused(params):
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, block_size=256)
+    p = {**params, "wpe": jnp.tile(params["wpe"], (8, 1))}
+    x = jax.random.randint(jax.random.key(3), (2, 256), 0, CFG.vocab_size)
+
+    def loss(p, attention):
+        return GPT(dataclasses.replace(cfg, attention=attention)).apply({"params": p}, x)[0].std()
+
+    (a, ga), (b, gb) = (jax.value_and_grad(loss)(p, impl) for impl in ("xla", "blockwise"))
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for u, w in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), atol=2e-6)
