@@ -81,3 +81,28 @@ def test_sft_with_lora_generates_after_loading(tmp_path, pretrained):
     model = jaxgpt.load(tmp_path / "sft")
     assert model.cfg.model.lora_rank == 0  # adapters merged for serving
     assert isinstance(model.generate("say yes", max_new_tokens=3), str)
+
+
+def test_sigterm_saves_the_step_and_reports_the_best_checkpoint(tmp_path, pretrained):
+    import signal
+    import time
+
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("train:\n  steps: 100000\n  batch_size: 8\n  lr: 3.0e-3\n  warmup_steps: 2\n  eval_every: 1000\n"
+                   "  log_every: 1\n  progress: false\nfinetune:\n  task: classify\n  max_len: 32\n")
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.cli", "finetune", "--config", str(cfg), "--init-from",
+                             str(pretrained), "--run-dir", str(run),
+                             f"finetune.source={task_file(tmp_path / 'train.jsonl', 64, 1)}",
+                             f"finetune.test_source={task_file(tmp_path / 'test.jsonl', 16, 2)}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file()
+                                          and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: stopped at step" in out
+    # The interrupted step was evaluated and saved, and the best checkpoint was reported on the test split.
+    assert (run / "test_metrics.json").is_file() and any(p.name.isdigit() for p in (run / "checkpoints").iterdir())

@@ -33,6 +33,7 @@ from jaxgpt.finetune.heads import POOLINGS, init_head
 from jaxgpt.finetune.metrics import EarlyStopping, selection_metric
 from jaxgpt.model import init_params, validate
 from jaxgpt.train.checkpoint import restore_params
+from jaxgpt.train.signals import StopRequest
 from jaxgpt.train.metrics_log import MetricsLog
 
 # Model keys a fine-tune may change; the architecture comes from the pretrained run.
@@ -163,7 +164,7 @@ class FineTuner:
         bar = tqdm(total=tc.steps, disable=not tc.progress, dynamic_ncols=True)
         t_start = time.perf_counter()
         try:
-            with jax.set_mesh(self.mesh), step_lib.rules():
+            with jax.set_mesh(self.mesh), step_lib.rules(), StopRequest() as interrupt:
                 state = step_lib.init_state(params, tx, steps.param_shardings)
                 for done in range(1, tc.steps + 1):
                     state, m = steps.step(state, steps.put_batch(next(stream)), dropout_rng, np.float32(lr_scale))
@@ -175,7 +176,8 @@ class FineTuner:
                         record = {"step": done, "train_loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
                         bar.set_postfix(loss=f"{loss:.3f}")
                     stop = False
-                    if done % tc.eval_every == 0 or done == tc.steps:
+                    # SIGTERM/Ctrl-C: evaluate and save this step, then finish as an early stop would.
+                    if done % tc.eval_every == 0 or done == tc.steps or interrupt.requested:
                         val = eval_lib.evaluate(self.cfg, steps.eval, state["params"], task, "val", self.enc["val"],
                                                 self.tok, self.max_len, steps.put_batch)
                         record.update({"step": done, **{f"val_{k}": v for k, v in val.items()}})
@@ -188,6 +190,9 @@ class FineTuner:
                         log.write(record)
                         summary.update(record)
                     bar.update(1)
+                    if interrupt.requested:
+                        print(f"\n{interrupt.signal_name}: stopped at step {done}; reporting the best checkpoint")
+                        break
                     if stop:
                         print(f"\nearly stop at step {done}: val {self.metric} has not improved by more than "
                               f"{ft.min_delta} for {ft.patience} evaluations (best {stopper.best:.4f} at step "
