@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterator
 
@@ -123,8 +124,16 @@ class LanguageModel:
     def logits(self, text: str) -> np.ndarray:
         """TxV next-token logits for every position of `text` (float32)."""
         tokens = np.asarray([self.tokenizer.encode(text)], np.int32)
-        logits, _ = GPT(self.cfg.model).apply({"params": self.params}, tokens)
-        return np.asarray(logits[0])
+        if tokens.shape[1] > self.cfg.model.block_size:
+            raise JaxgptError(f"text is {tokens.shape[1]} tokens, longer than the model's context of "
+                              f"{self.cfg.model.block_size}; use perplexity() for long texts")
+        return np.asarray(_forward(self.cfg.model)(self.params, tokens)[0])
+
+
+@functools.lru_cache(maxsize=16)
+def _forward(cfg):
+    """One jitted full forward per model config (recompiled only per text length)."""
+    return jax.jit(lambda params, tokens_BxT: GPT(cfg).apply({"params": params}, tokens_BxT)[0])
 
 
 def _cut_at_stop(text: str, stop: str | list[str] | None) -> str:

@@ -283,6 +283,8 @@ class GPT(nn.Module):
         """`cache_index` is the cache slot of tokens_BxT[:, 0]; `start_B` counts left-padding slots per row."""
         cfg = self.cfg
         B, T = tokens_BxT.shape
+        if cache is None and T > cfg.block_size:  # a position-table lookup past the end would clamp silently
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}")
         V, D = cfg.vocab_size, cfg.n_embd
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         wte_VxD = self.param("wte", nn.with_logical_partitioning(_normal(0.02), ("vocab", "embed")), (V, D), pdtype)

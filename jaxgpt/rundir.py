@@ -60,3 +60,20 @@ def with_vocab(cfg: Config, tok: tokenizers.Tokenizer) -> Config:
         raise JaxgptError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"({tok.vocab_size}); set model.vocab_size=0 to size it from the tokenizer")
     return cfg
+
+
+def pretrained_base(init_from: str, flat: dict, model_keys: tuple[str, ...], who: str) -> dict:
+    """The pretrained run's model/data/seed keys, for a run that starts from it (fine-tune, RL, DPO).
+
+    `flat` (the new run's own keys) may change only `model_keys` of the model: the architecture is fixed.
+    """
+    if not init_from:
+        raise JaxgptError(f"pass --init-from RUN_DIR (a pretrained run) or set {who}.init_from")
+    saved = config_path(Path(init_from))
+    if not saved.is_file():
+        raise JaxgptError(f"--init-from '{init_from}' is not a jaxgpt run dir (no config.json)")
+    for key in flat:
+        if key.startswith("model.") and key.split(".", 1)[1] not in model_keys:
+            raise JaxgptError(f"'{key}' comes from the pretrained run; this run may set model."
+                              f"{{{', '.join(model_keys)}}}")
+    return {k: v for k, v in config_lib.read_json_flat(saved).items() if k.split(".")[0] in ("model", "data", "seed")}

@@ -33,3 +33,20 @@ def tiny_overrides(corpus_dir, tmp_path):
         "train.batch_size": 8, "train.lr": 3e-3, "train.warmup_steps": 5, "train.eval_every": 10,
         "train.eval_batches": 2, "train.save_every": 10, "train.log_every": 1, "train.progress": False,
     }
+
+
+@pytest.fixture(scope="session")
+def train_tiny(corpus_dir):
+    """train_tiny(run_dir, {key: value}): a few steps of a tiny char-level model on the test corpus."""
+
+    def run(run_dir, overrides):
+        from jaxgpt import config
+        from jaxgpt.train import train
+
+        base = {"model.preset": "tiny", "model.block_size": 32, "data.source": f"file:{corpus_dir}/*.txt",
+                "data.tokenizer": "char", "data.cache_dir": str(run_dir.parent / "cache"), "train.eval_batches": 1,
+                "train.progress": False}
+        train(config.load(None, {**base, **overrides}), run_dir)
+        return run_dir
+
+    return run

@@ -8,21 +8,14 @@ import sys
 import pytest
 
 import jaxgpt
-from jaxgpt import config as config_lib
-from jaxgpt.train import train
 
 WORDS = {"pos": ["good", "fine", "great", "nice"], "neg": ["bad", "poor", "awful", "sad"]}
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, corpus_dir):
-    run = tmp_path_factory.mktemp("pre") / "run"
-    overrides = {"model.preset": "tiny", "model.block_size": 32, "data.source": f"file:{corpus_dir}/*.txt",
-                 "data.tokenizer": "char", "data.cache_dir": str(run.parent / "cache"), "train.steps": 2,
-                 "train.batch_size": 4, "train.eval_every": 2, "train.eval_batches": 1, "train.save_every": 2,
-                 "train.progress": False}
-    train(config_lib.load(None, overrides), run)
-    return run
+def pretrained(tmp_path_factory, train_tiny):
+    return train_tiny(tmp_path_factory.mktemp("pre") / "run", {
+        "train.steps": 2, "train.batch_size": 4, "train.eval_every": 2, "train.save_every": 2})
 
 
 def task_file(path, n, seed):

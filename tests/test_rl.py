@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import jaxgpt
-from jaxgpt import config as config_lib
 from jaxgpt.config import ModelConfig, RLConfig, TrainConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import init_params
@@ -197,17 +196,11 @@ def test_reward_callable_from_module_and_checks(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def pretrained(corpus_dir, tmp_path_factory):
-    """A tiny char-level model trained for a few steps on the test corpus."""
-    from jaxgpt.train import train
-
+def pretrained(tmp_path_factory, train_tiny):
+    """A tiny char-level model trained for a few steps on the test corpus (in ROOT/pre)."""
     root = tmp_path_factory.mktemp("rl")
-    cfg = config_lib.load(None, {
-        "model.preset": "tiny", "model.block_size": 32, "data.source": f"file:{corpus_dir}/*.txt",
-        "data.tokenizer": "char", "data.cache_dir": str(root / "cache"), "train.steps": 5, "train.batch_size": 8,
-        "train.lr": 3e-3, "train.warmup_steps": 1, "train.eval_every": 5, "train.eval_batches": 1,
-        "train.save_every": 5, "train.log_every": 5, "train.progress": False})
-    train(cfg, root / "pre")
+    train_tiny(root / "pre", {"train.steps": 5, "train.batch_size": 8, "train.lr": 3e-3, "train.warmup_steps": 1,
+                              "train.eval_every": 5, "train.save_every": 5, "train.log_every": 5})
     return root
 
 

@@ -23,25 +23,18 @@ import pytest
 import uvicorn
 
 import jaxgpt
-from jaxgpt import config
 from jaxgpt.generate import SamplingParams
 from jaxgpt.serve import create_app
 from jaxgpt.serve.batcher import Batcher, Job
-from jaxgpt.train import train
 
 PROMPTS = ["The class", "A function is", "import os", "Return the"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(corpus_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve_run")
-    train(config.load(None, {
-        "model.preset": "tiny", "model.block_size": 128, "data.source": f"file:{corpus_dir}/*.txt",
-        "data.tokenizer": "char", "data.cache_dir": str(folder / "cache"), "train.steps": 20,
-        "train.batch_size": 8, "train.lr": 3e-3, "train.warmup_steps": 5, "train.eval_every": 20,
-        "train.eval_batches": 1, "train.save_every": 20, "train.log_every": 10, "train.progress": False}),
-        folder / "run")
-    return folder / "run"
+def run_dir(tmp_path_factory, train_tiny):
+    return train_tiny(tmp_path_factory.mktemp("serve_run") / "run", {
+        "model.block_size": 128, "train.steps": 20, "train.batch_size": 8, "train.lr": 3e-3,
+        "train.warmup_steps": 5, "train.eval_every": 20, "train.save_every": 20, "train.log_every": 10})
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
-from jaxgpt import sharding
+from jaxgpt import rundir, sharding
 from jaxgpt.config import Config
 from jaxgpt.data import tokenizers
 from jaxgpt.errors import JaxgptError
@@ -50,16 +50,7 @@ def load_config(path: str | None, overrides: list[str], init_from: str | None) -
 def config_from_flat(flat: dict[str, Any], init_from: str | None) -> Config:
     """load_config's merge, from an already flattened {dotted key: value} dict."""
     init_from = init_from or flat.get("finetune.init_from", "")
-    if not init_from:
-        raise JaxgptError("pass --init-from RUN_DIR (a pretrained run) or set finetune.init_from")
-    saved = Path(init_from) / "config.json"
-    if not saved.is_file():
-        raise JaxgptError(f"--init-from '{init_from}' is not a jaxgpt run dir (no config.json)")
-    base = {k: v for k, v in config_lib.read_json_flat(saved).items() if k.split(".")[0] in ("model", "data", "seed")}
-    for key in flat:
-        if key.startswith("model.") and key.split(".", 1)[1] not in MODEL_KEYS:
-            raise JaxgptError(f"'{key}' comes from the pretrained run; a fine-tune may set model."
-                              f"{{{', '.join(MODEL_KEYS)}}}")
+    base = rundir.pretrained_base(init_from, flat, MODEL_KEYS, "finetune")
     return config_lib.build({**base, **flat, "finetune.init_from": str(init_from)})
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from jaxgpt import config as config_lib
+from jaxgpt import rundir
 from jaxgpt.config import Config
 from jaxgpt.errors import JaxgptError
+from jaxgpt.train.loop import check_train_config
 
 # Model keys an RL run may change (compute settings only); the architecture comes from the pretrained run.
 MODEL_KEYS = ("dtype", "remat", "attention")
@@ -19,16 +20,7 @@ def load_config(path: str | None, overrides: list[str], init_from: str | None = 
     flat.update(config_lib.parse_overrides(list(overrides)))
     flat.update(extra or {})
     init_from = init_from or flat.get("rl.init_from", "")
-    if not init_from:
-        raise JaxgptError("pass --init-from RUN_DIR (a pretrained run) or set rl.init_from")
-    saved = Path(init_from) / "config.json"
-    if not saved.is_file():
-        raise JaxgptError(f"--init-from '{init_from}' is not a jaxgpt run dir (no config.json)")
-    for key in flat:
-        if key.startswith("model.") and key.split(".", 1)[1] not in MODEL_KEYS:
-            raise JaxgptError(f"'{key}' comes from the pretrained run; an RL run may set model."
-                              f"{{{', '.join(MODEL_KEYS)}}}")
-    base = {k: v for k, v in config_lib.read_json_flat(saved).items() if k.split(".")[0] in ("model", "data", "seed")}
+    base = rundir.pretrained_base(init_from, flat, MODEL_KEYS, "rl")
     # No dropout: the clipped ratio compares log-probs of the same params, which dropout noise would blur.
     base.update({"model.dropout": 0.0, "model.lora_rank": 0, "model.scan_layers": False})
     return config_lib.build({**base, **flat, "rl.init_from": str(init_from)})
@@ -38,11 +30,7 @@ def check(cfg: Config) -> None:
     rl, tc = cfg.rl, cfg.train
     if rl.algorithm not in ("grpo", "dpo"):
         raise JaxgptError(f"rl.algorithm must be grpo or dpo, got '{rl.algorithm}'")
-    for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
-        if getattr(tc, name) <= 0:
-            raise JaxgptError(f"train.{name} must be positive, got {getattr(tc, name)}")
-    if not tc.lr > 0:
-        raise JaxgptError(f"train.lr must be positive, got {tc.lr}")
+    check_train_config(tc)
     if rl.algorithm == "dpo":
         if not rl.data:
             raise JaxgptError("DPO needs preference pairs: pass --data PAIRS.jsonl or set rl.data")
