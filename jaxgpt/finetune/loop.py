@@ -168,7 +168,8 @@ class FineTuner:
                         bar.set_postfix(loss=f"{loss:.3f}")
                     stop = False
                     # SIGTERM/Ctrl-C: evaluate and save this step, then finish as an early stop would.
-                    if done % tc.eval_every == 0 or done == tc.steps or interrupt.requested:
+                    interrupted = interrupt.requested  # read once: a signal may land mid-iteration
+                    if done % tc.eval_every == 0 or done == tc.steps or interrupted:
                         val = eval_lib.evaluate(self.cfg, steps.eval, state["params"], task, "val", self.enc["val"],
                                                 self.tok, self.max_len, steps.put_batch)
                         record.update({"step": done, **{f"val_{k}": v for k, v in val.items()}})
@@ -181,7 +182,7 @@ class FineTuner:
                         log.write(record)
                         summary.update(record)
                     bar.update(1)
-                    if interrupt.requested:
+                    if interrupted:
                         print(f"\n{interrupt.signal_name}: stopped at step {done}; reporting the best checkpoint")
                         break
                     if stop:
