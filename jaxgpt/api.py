@@ -33,35 +33,37 @@ class LanguageModel:
     def generate(self, prompt: str | list[str], max_new_tokens: int = 100, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | list[int] = 0, stop: str | list[str] | None = None,
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
-                 num_beams: int = 1, stream: bool = False, slide: bool = False):
+                 num_beams: int = 1, stream: bool = False, slide: bool = True):
         """Continue `prompt` (a string, or a list of strings sampled as one batch); returns new text only.
 
         `seed` may be a list (one per prompt). `stop` strings end a row early and are cut from its text.
         `num_beams` > 1 runs beam search (deterministic). `stream=True` returns an iterator of text pieces
-        (lists of pieces for a list of prompts). `slide=True` generates past block_size by sliding the window.
+        (lists of pieces for a list of prompts). Past block_size the window slides (its last half becomes the
+        next prompt); `slide=False` raises an error instead.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self.tokenizer.encode(p) for p in prompts]
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         common = dict(eos_id=self.tokenizer.eos_id, n_vocab=self.tokenizer.vocab_size)
+        if num_beams < 1:
+            raise JaxgptError(f"num_beams must be >= 1 (1 is sampling, > 1 beam search), got {num_beams}")
         if num_beams > 1:
             from jaxgpt.beam import beam_search_ids
 
-            if stream or slide or repetition_penalty != 1.0 or no_repeat_ngram_size or stops:
-                raise JaxgptError("num_beams > 1 supports max_new_tokens and min_new_tokens only (no stream, slide, "
-                                  "stop, repetition_penalty or no_repeat_ngram_size)")
+            if stream or repetition_penalty != 1.0 or no_repeat_ngram_size or stops:
+                raise JaxgptError("num_beams > 1 supports max_new_tokens and min_new_tokens only (no stream, stop, "
+                                  "repetition_penalty or no_repeat_ngram_size)")
             new_ids = beam_search_ids(self.params, self.cfg.model, ids, max_new_tokens, num_beams=num_beams,
                                       min_new_tokens=min_new_tokens, **common)
             texts = [self.tokenizer.decode(row) for row in new_ids]
             return texts[0] if isinstance(prompt, str) else texts
         common.update(sampling=SamplingParams(temperature, top_k, top_p, repetition_penalty, min_new_tokens),
-                      seed=seed, stop_ids=self._stop_ids(stops), no_repeat_ngram_size=no_repeat_ngram_size)
+                      seed=seed, stop_ids=self._stop_ids(stops), no_repeat_ngram_size=no_repeat_ngram_size,
+                      slide=slide)
         if stream:
-            if slide:
-                raise JaxgptError("stream=True and slide=True cannot be combined")
             pieces = self._stream(ids, max_new_tokens, stops, common)
             return (p[0] for p in pieces) if isinstance(prompt, str) else pieces
-        new_ids = generate_ids(self.params, self.cfg.model, ids, max_new_tokens, slide=slide, **common)
+        new_ids = generate_ids(self.params, self.cfg.model, ids, max_new_tokens, **common)
         texts = [_cut_at_stop(self.tokenizer.decode(row), stops) for row in new_ids]
         return texts[0] if isinstance(prompt, str) else texts
 

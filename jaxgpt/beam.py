@@ -81,7 +81,8 @@ def beam_search_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.block_size:
         raise JaxgptError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                          f"context of {cfg.block_size} tokens; shorten the prompt or lower max_new_tokens")
+                          f"context of {cfg.block_size} tokens and beam search does not slide the window; lower "
+                          "max_new_tokens (--max-new-tokens) or shorten the prompt")
     tokens_BxP, start_B = left_pad(prompts, eos_id, min(prompt_bucket(longest), cfg.block_size - max_new_tokens))
     out_BxN = _beam_decoder(cfg, max_new_tokens, num_beams)(
         params, tokens_BxP, start_B, np.int32(eos_id), np.int32(n_vocab or cfg.vocab_size), np.int32(min_new_tokens),

@@ -28,6 +28,11 @@ from jaxgpt.generate import (DecodeState, SamplingParams, _cut, _forward, check_
 from jaxgpt.model import init_cache
 
 
+def default_reply_tokens(block_size: int) -> int:
+    """Reply length when none is asked for: 128 tokens, or half the context on smaller models."""
+    return min(128, block_size // 2)
+
+
 def render_system(text: str) -> str:
     return f"<|system|>\n{text}\n"
 
@@ -70,19 +75,25 @@ class ChatSession:
         """The whole conversation's ids, as the template renders it."""
         return self.system_ids + [t for user, reply in self.turns for t in user + reply]
 
-    def send(self, user_text: str, max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0,
+    def send(self, user_text: str, max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
              min_new_tokens: int = 0, seed: int = 0) -> str:
-        """Add a user turn, generate the assistant's reply (ended by end-of-text) and return its text."""
+        """Add a user turn, generate the assistant's reply (ended by end-of-text) and return its text.
+
+        `max_new_tokens` defaults to `default_reply_tokens(block_size)`: a reply never needs the whole context.
+        """
         sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, min_new_tokens)
         check_sampling(sampling)
-        if max_new_tokens <= 0:
-            raise JaxgptError(f"max_new_tokens must be positive, got {max_new_tokens}")
         user_ids = self.tokenizer.encode(render_user(user_text))
         S = self.cfg.block_size
+        if max_new_tokens is None:  # the default also shrinks to the room this message leaves
+            max_new_tokens = max(1, min(default_reply_tokens(S), S - len(self.system_ids) - len(user_ids)))
+        if max_new_tokens <= 0:
+            raise JaxgptError(f"max_new_tokens must be positive, got {max_new_tokens}")
         if len(self.system_ids) + len(user_ids) + max_new_tokens > S:
             raise JaxgptError(f"this message ({len(user_ids)} tokens) + max_new_tokens ({max_new_tokens}) does not "
-                              f"fit the model's context of {S} tokens with the system prompt; shorten it")
+                              f"fit the model's context of {S} tokens with the system prompt; lower max_new_tokens "
+                              "(--max-new-tokens) or shorten the message or the system prompt")
         self._close_last_reply()
         while len(self.tokens) + len(user_ids) + max_new_tokens > S:  # policy: drop the oldest turn
             self.turns.pop(0)

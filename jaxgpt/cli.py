@@ -22,7 +22,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample text from a trained run dir")
     gen.add_argument("--run-dir", required=True)
     gen.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-text)")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="past the context the window slides")
     gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     gen.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     gen.add_argument("--top-p", type=float, default=1.0, help="1.0 keeps every token")
@@ -35,11 +35,13 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (deterministic)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    gen.add_argument("--no-slide", action="store_true",
+                     help="fail instead of sliding the window when prompt + new tokens exceed the context")
 
     chat = sub.add_parser("chat", help="talk to a run dir's model (one message per line on stdin)")
     chat.add_argument("--run-dir", required=True)
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--max-new-tokens", type=int, help="per reply (default: 128, or half the context if smaller)")
     chat.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     chat.add_argument("--top-k", type=int, default=0)
     chat.add_argument("--top-p", type=float, default=1.0)
@@ -82,8 +84,10 @@ def _build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
     exp.add_argument("--quantize", choices=["int8"], help="store int8 weights (dequantized inside the program)")
     exp.add_argument("--batch-sizes", default="1,8", help="used only where a symbolic batch size does not export")
-    exp.add_argument("--prompt-buckets", default="16,64", help="prompt lengths (padded up to the next bucket)")
-    exp.add_argument("--max-new-tokens", type=int, default=128)
+    exp.add_argument("--prompt-buckets", help="prompt lengths, padded up to the next bucket (default: 16,64 where "
+                     "they fit the context with --max-new-tokens)")
+    exp.add_argument("--max-new-tokens", type=int, help="per program call (default: 128, or half the context if "
+                     "smaller); longer generations slide the window")
 
     al = sub.add_parser("active", help="active learning: fine-tune, query the most useful labels, repeat")
     al.add_argument("--config", help="active-learning YAML (train:, finetune:, active:)")
@@ -163,7 +167,7 @@ def _generate(args) -> None:
     controls = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
                     no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
-                    num_beams=args.num_beams)
+                    num_beams=args.num_beams, slide=not args.no_slide)
     if args.stream:
         if args.num_samples > 1:
             from jaxgpt.errors import JaxgptError
@@ -258,7 +262,7 @@ def _export(args) -> None:
 
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     out = export_model(jaxgpt.load(args.run_dir, args.checkpoint), args.out, batch_sizes=ints(args.batch_sizes),
-                       prompt_buckets=ints(args.prompt_buckets), max_new_tokens=args.max_new_tokens,
+                       prompt_buckets=ints(args.prompt_buckets or ""), max_new_tokens=args.max_new_tokens,
                        quantize=args.quantize)
     print(f"exported {args.run_dir} -> {out}; load with jaxgpt.load_exported('{out}')")
 
@@ -314,14 +318,18 @@ def _convert(args) -> None:
     else:
         written = hf.export_hf(args.run_dir, args.hf_dir, args.checkpoint)
         note = "" if any(p.name == "vocab.json" for p in written) else (
-            " (no HF tokenizer: this run's tokenizer is not GPT-2's; see the run dir's tokenizer/)")
+            f" (this run's tokenizer is not GPT-2's, so transformers cannot load it: it is kept in "
+            f"{hf.JAXGPT_TOKENIZER_DIR}/ for `jaxgpt convert hf-to-jaxgpt`)")
         print(f"exported {args.run_dir} -> {args.hf_dir}: {', '.join(p.name for p in written)}{note}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit status 0, 2 for bad input, 130/143 when SIGINT/SIGTERM stopped it (after saving)."""
     args = _build_parser().parse_args(argv)
     from jaxgpt.errors import JaxgptError
+    from jaxgpt.train import signals
 
+    signals.reset_caught()
     try:
         {"train": _train, "generate": _generate, "convert": _convert, "finetune": _finetune,
          "evaluate": _evaluate, "chat": _chat, "perplexity": _perplexity, "serve": _serve,
@@ -330,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     except JaxgptError as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once (the last saved checkpoint stays good)
+        print(f"\njaxgpt {args.command}: interrupted", file=sys.stderr)
+        return signals.exit_status("SIGINT")
+    caught = signals.caught_signal()
+    return signals.exit_status(caught) if caught and args.command != "serve" else 0
 
 
 if __name__ == "__main__":

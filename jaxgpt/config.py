@@ -28,7 +28,7 @@ class ModelConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True
-    dtype: str = "float32"  # activations and matmul inputs
+    dtype: str = "auto"  # activations and matmul inputs; auto: bfloat16 where native (jaxgpt/precision.py)
     param_dtype: str = "float32"
     attention: str = "auto"  # auto | xla | blockwise (causal blocks; auto on CPUs, T >= 512) | cudnn (NVIDIA)
     remat: str = "none"  # none | full | dots_saveable: recompute activations in the backward pass
@@ -298,8 +298,20 @@ def save_json(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
+def read_json_dict(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file, or a one-line error naming the file."""
+    try:
+        tree = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise JaxgptError(f"cannot read '{path}' as JSON ({type(e).__name__}: {str(e)[:80]}); restore or delete "
+                          "the file") from None
+    if not isinstance(tree, dict):
+        raise JaxgptError(f"'{path}' holds no JSON object; restore or delete the file")
+    return tree
+
+
 def read_json_flat(path: str | Path) -> dict[str, Any]:
-    return flatten(json.loads(Path(path).read_text()))
+    return flatten(read_json_dict(path))
 
 
 def load_json(path: str | Path) -> Config:
@@ -314,10 +326,15 @@ def replace(cfg: Config, **flat: Any) -> Config:
 
 
 def dtype_of(name: str):
+    """The jnp dtype of a config name; 'auto' is resolved for this device (jaxgpt.precision)."""
     import jax.numpy as jnp
 
     table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if name == "auto":
+        from jaxgpt.precision import auto_dtype
+
+        name = auto_dtype()
     if name not in table:
-        raise JaxgptError(f"unknown dtype '{name}'; use one of {', '.join(table)}")
+        raise JaxgptError(f"unknown dtype '{name}'; use one of auto, {', '.join(table)}")
     return table[name]
 

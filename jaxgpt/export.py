@@ -91,19 +91,30 @@ def _arg_specs(weights: dict[str, np.ndarray], batch, bucket: int):
     )
 
 
+def default_lengths(block_size: int) -> tuple[list[int], int]:
+    """(prompt buckets, max_new_tokens) that fit the context: 128 new tokens or half the context, and the
+    buckets 16 and 64 where they fit (else the room that is left)."""
+    n = min(128, block_size // 2)
+    return [b for b in (16, 64) if b + n <= block_size] or [block_size - n], n
+
+
 def export_model(model, out: str | Path, *, batch_sizes: Sequence[int] = (1, 8),
-                 prompt_buckets: Sequence[int] = (16, 64), max_new_tokens: int = 128,
+                 prompt_buckets: Sequence[int] | None = None, max_new_tokens: int | None = None,
                  quantize: str | None = None) -> Path:
-    """Write `model` (a `jaxgpt.LanguageModel`) to `out`; returns the folder."""
+    """Write `model` (a `jaxgpt.LanguageModel`) to `out`; returns the folder. Lengths default to
+    `default_lengths(block_size)`."""
     from safetensors.numpy import save_file
 
     cfg, out = model.cfg.model, Path(out)
-    buckets = sorted(set(int(b) for b in prompt_buckets))
+    default_buckets, default_new = default_lengths(cfg.block_size)
+    max_new_tokens = default_new if max_new_tokens is None else max_new_tokens
+    buckets = sorted(set(int(b) for b in (prompt_buckets or default_buckets)))
     if not buckets or buckets[0] <= 0 or max_new_tokens <= 0:
-        raise JaxgptError("export needs positive prompt buckets and max_new_tokens")
+        raise JaxgptError("export needs positive prompt buckets (--prompt-buckets) and max_new_tokens "
+                          "(--max-new-tokens)")
     if buckets[-1] + max_new_tokens > cfg.block_size:
         raise JaxgptError(f"largest prompt bucket ({buckets[-1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                          f"context of {cfg.block_size}; lower one of them")
+                          f"context of {cfg.block_size}; lower --prompt-buckets or --max-new-tokens")
     params, prepare = model.params, None
     if quantize:
         from jaxgpt import quantize as quant

@@ -45,18 +45,57 @@ class ExportedModel:
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                     seed: int | Sequence[int] = 0, stop_ids: Sequence[Sequence[int]] = ()) -> list[list[int]]:
+                     seed: int | Sequence[int] = 0, stop_ids: Sequence[Sequence[int]] = (),
+                     slide: bool = True) -> list[list[int]]:
+        """New ids per prompt. Past the exported lengths the window slides as the live model's does: the
+        newest tokens (up to the largest prompt bucket) become the next prompt; `slide=False` raises instead."""
         m = self.manifest
-        eos = m["eos_id"]
-        if not 0 < max_new_tokens <= m["max_new_tokens"]:
-            raise JaxgptError(f"max_new_tokens must be in [1, {m['max_new_tokens']}] for this export")
+        eos, limit, largest = m["eos_id"], m["max_new_tokens"], max(b for b, _ in self.programs)
+        if max_new_tokens <= 0:
+            raise JaxgptError(f"max_new_tokens must be positive, got {max_new_tokens}")
         prompts = [list(p) if len(p) else [eos] for p in prompts]
         longest = max(len(p) for p in prompts)
+        if not slide and (max_new_tokens > limit or longest > largest):
+            raise JaxgptError(f"this export takes prompts of up to {largest} tokens and max_new_tokens up to {limit} "
+                              f"(got {longest} and {max_new_tokens}); let the window slide (slide=True, the "
+                              "default) or re-export with larger --prompt-buckets/--max-new-tokens")
+        keys = self._row_keys(seed, len(prompts))
+        sampling = (temperature, top_k, top_p, repetition_penalty)
+        keep = min(largest, m["block_size"] // 2)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        alive = list(range(len(prompts)))
+        for round_ in range(max_new_tokens):  # each round adds >= 1 token per live row
+            todo = max_new_tokens - len(outputs[alive[0]]) if alive else 0
+            if todo <= 0:
+                break
+            texts = [prompts[b] + outputs[b] for b in alive]
+            fits = round_ == 0 and max(len(t) for t in texts) <= largest
+            contexts = texts if fits else [t[-keep:] for t in texts]
+            n = min(todo, limit)
+            rkeys = [keys[b] if round_ == 0 else jax.random.fold_in(keys[b], round_) for b in alive]
+            min_new = max(0, min_new_tokens - (max_new_tokens - todo))
+            new, done = self._decode(contexts, n, rkeys, sampling, min_new, stop_ids)
+            for b, toks in zip(alive, new):
+                outputs[b] += toks
+            alive = [b for b, toks, d in zip(alive, new, done) if not d and len(toks) == n]
+        return outputs
+
+    @staticmethod
+    def _row_keys(seed: int | Sequence[int], batch: int) -> list:
+        """Row keys exactly as the live model draws them (jaxgpt.generate.row_keys)."""
+        if isinstance(seed, (int, np.integer)):
+            return [jax.random.fold_in(jax.random.key(int(seed)), b) for b in range(batch)]
+        if len(seed) != batch:
+            raise JaxgptError(f"got {len(seed)} seeds for {batch} prompts; pass one seed or one per prompt")
+        return [jax.random.key(int(s)) for s in seed]
+
+    def _decode(self, prompts, n, keys, sampling, min_new_tokens, stop_ids) -> tuple[list[list[int]], list[bool]]:
+        """One exported program call: (new ids cut at end-of-text, done flags) for prompts that fit a bucket."""
+        m = self.manifest
+        eos = m["eos_id"]
         buckets = sorted({b for b, _ in self.programs})
-        fitting = [b for b in buckets if b >= longest]
-        if not fitting:
-            raise JaxgptError(f"prompt of {longest} tokens is longer than the largest exported bucket ({buckets[-1]})")
-        bucket, B = fitting[0], len(prompts)
+        bucket = next(b for b in buckets if b >= max(len(p) for p in prompts))
+        B = len(prompts)
         tokens_BxP = np.full((B, bucket), eos, np.int32)
         start_B = np.zeros(B, np.int32)
         for b, ids in enumerate(prompts):
@@ -66,20 +105,14 @@ class ExportedModel:
         stop_SxM = np.full((S, M), -1, np.int32)
         for j, s in enumerate([s for s in stop_ids if len(s)][:S]):
             stop_SxM[j, M - len(s[-M:]):] = s[-M:]
-        # Row keys exactly as the live model draws them (jaxgpt.generate.row_keys).
-        if isinstance(seed, (int, np.integer)):
-            keys = [jax.random.fold_in(jax.random.key(int(seed)), b) for b in range(B)]
-        else:
-            if len(seed) != B:
-                raise JaxgptError(f"got {len(seed)} seeds for {B} prompts; pass one seed or one per prompt")
-            keys = [jax.random.key(int(s)) for s in seed]
         key_data_Bx2 = np.stack([np.asarray(jax.random.key_data(k)) for k in keys]).astype(np.uint32)
-        out_BxN, _ = self._program(bucket, B).call(
+        temperature, top_k, top_p, repetition_penalty = sampling
+        out_BxN, done_B = self._program(bucket, B).call(
             self.weights, tokens_BxP, start_B, key_data_Bx2, np.float32(temperature), np.int32(top_k),
             np.float32(top_p), np.float32(repetition_penalty), np.int32(min_new_tokens), np.int32(eos),
-            np.int32(m["n_vocab"]), stop_SxM, np.int32(max_new_tokens))
-        rows = np.asarray(out_BxN)[:, :max_new_tokens].tolist()
-        return [row[:row.index(eos)] if eos in row else row for row in rows]
+            np.int32(m["n_vocab"]), stop_SxM, np.int32(n))
+        rows = np.asarray(out_BxN)[:, :n].tolist()
+        return [row[:row.index(eos)] if eos in row else row for row in rows], np.asarray(done_B).tolist()
 
     def generate(self, prompt: str | list[str], max_new_tokens: int = 100, **kwargs) -> str | list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -13,8 +13,9 @@ banned until then); then temperature, top-k, top-p. Each row has its own random 
 The decode state (`DecodeState`) is a pytree, so the same loop body also runs in chunks (streaming: the
 cache is carried between jitted calls) and on top of a chat's cache (`jaxgpt.chat`).
 
-Past the context window (`slide=True`): generate until the window is full, then keep the last half of the
-text as a new prompt, re-prefill it and go on; penalties and n-grams then see only that window.
+Past the context window (`slide=True`, the default): generate until the window is full, then keep the last
+half of the text as a new prompt, re-prefill it and go on (nanoGPT's samplers crop the context the same way);
+penalties and n-grams then see only that window. While everything fits, sliding changes nothing.
 """
 
 from __future__ import annotations
@@ -276,8 +277,8 @@ def _prepare(cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.block_size:
         raise JaxgptError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                          f"context of {cfg.block_size} tokens; shorten the prompt, lower max_new_tokens "
-                          "or slide the window (slide=True)")
+                          f"context of {cfg.block_size} tokens; lower max_new_tokens (--max-new-tokens), shorten "
+                          "the prompt, or let the window slide (slide=True, the default; drop --no-slide)")
     bucket = min(prompt_bucket(longest), cfg.block_size - max_new_tokens)
     tokens_BxP, start_B = left_pad(prompts, eos_id, bucket)
     keys_B = row_keys(seed, len(prompts)) if keys_B is None else keys_B
@@ -292,14 +293,18 @@ def _cut(row: list[int], eos_id: int) -> list[int]:
 def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int,
                  n_vocab: int | None = None, sampling: SamplingParams = SamplingParams(),
                  seed: int | Sequence[int] = 0, stop_ids: Sequence[Sequence[int]] | None = None,
-                 no_repeat_ngram_size: int = 0, slide: bool = False) -> list[list[int]]:
+                 no_repeat_ngram_size: int = 0, slide: bool = True) -> list[list[int]]:
     """New token ids for each prompt, cut at the first end-of-text (a matched stop sequence is kept)."""
     prompts = [list(p) if len(p) else [eos_id] for p in prompts]  # an empty prompt starts from end-of-text
-    if slide:
-        return _generate_sliding(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids,
-                                 no_repeat_ngram_size)
-    return _generate(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids,
-                     no_repeat_ngram_size)[0]
+    if not (slide and prompts and needs_slide(cfg, prompts, max_new_tokens)):
+        return _generate(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids,
+                         no_repeat_ngram_size)[0]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for plan in _windows(cfg, prompts, outputs, max_new_tokens, sampling, seed):
+        new, done = _generate(params, cfg, plan.contexts, plan.n, eos_id, n_vocab, plan.sampling, 0, stop_ids,
+                              no_repeat_ngram_size, keys_B=plan.keys_B)
+        plan.record(new, done)
+    return outputs
 
 
 def _generate(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids, ngram, keys_B=None):
@@ -309,33 +314,55 @@ def _generate(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, s
     return [_cut(row, eos_id) for row in np.asarray(out_BxN).tolist()], np.asarray(done_B).tolist()
 
 
-def _generate_sliding(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids, ngram):
-    """Past block_size: fill the window, keep its last half as the next prompt (re-prefilled), repeat."""
+def needs_slide(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> bool:
+    """Whether the longest prompt + max_new_tokens overflows the context window."""
+    return max(len(p) for p in prompts) + max_new_tokens > cfg.block_size
+
+
+class _Window:
+    """One round of sliding generation: which rows go on, from what context, for how many tokens."""
+
+    def __init__(self, rows, contexts, n, keys_B, sampling, outputs, alive):
+        self.rows, self.contexts, self.n, self.keys_B, self.sampling = rows, contexts, n, keys_B, sampling
+        self._outputs, self._alive = outputs, alive
+
+    def record(self, new: list[list[int]], done: list[bool]) -> None:
+        """Append each row's new tokens; a row that ended (end-of-text, stop, short) leaves the next rounds."""
+        for b, toks, d in zip(self.rows, new, done):
+            self._outputs[b] += toks
+            if d or len(toks) < self.n:
+                self._alive.discard(b)
+
+
+def _windows(cfg, prompts, outputs, max_new_tokens, sampling, seed) -> Iterator[_Window]:
+    """Past block_size: fill the window, keep its last half as the next prompt (re-prefilled), repeat.
+
+    Round 0 uses the rows' own keys, so a generation that fits draws exactly what `slide=False` draws.
+    """
     keep = cfg.block_size // 2
     keys_B = row_keys(seed, len(prompts))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))
-    for round_ in range(max_new_tokens):  # each round adds >= 1 token, so this bound is never reached
-        todo = max_new_tokens - len(outputs[active[0]]) if active else 0
+    alive = set(range(len(prompts)))
+    for round_ in range(max_new_tokens):  # each round adds >= 1 token per live row: the bound is never reached
+        rows = sorted(alive)
+        todo = max_new_tokens - len(outputs[rows[0]]) if rows else 0
         if todo <= 0:
-            break
-        texts = [prompts[b] + outputs[b] for b in active]
+            return
+        texts = [prompts[b] + outputs[b] for b in rows]
         fits = round_ == 0 and max(len(t) for t in texts) < cfg.block_size
         contexts = texts if fits else [t[-keep:] for t in texts]
         n = min(todo, cfg.block_size - max(len(c) for c in contexts))
-        rkeys = jax.vmap(lambda k: jax.random.fold_in(k, round_))(keys_B[np.asarray(active)])
-        s = sampling._replace(min_new_tokens=max(0, sampling.min_new_tokens - (max_new_tokens - todo)))
-        new, done = _generate(params, cfg, contexts, n, eos_id, n_vocab, s, 0, stop_ids, ngram, keys_B=rkeys)
-        for b, toks, d in zip(active, new, done):
-            outputs[b] += toks
-        active = [b for b, d, toks in zip(active, done, new) if not d and len(toks) == n]
-    return outputs
+        rkeys = keys_B[np.asarray(rows)]
+        if round_:
+            rkeys = jax.vmap(lambda k: jax.random.fold_in(k, round_))(rkeys)
+        done_so_far = max_new_tokens - todo
+        s = sampling._replace(min_new_tokens=max(0, sampling.min_new_tokens - done_so_far))
+        yield _Window(rows, contexts, n, rkeys, s, outputs, alive)
 
 
 def stream_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int,
                n_vocab: int | None = None, sampling: SamplingParams = SamplingParams(),
                seed: int | Sequence[int] = 0, stop_ids: Sequence[Sequence[int]] | None = None,
-               no_repeat_ngram_size: int = 0, chunk: int = 8) -> Iterator[list[list[int]]]:
+               no_repeat_ngram_size: int = 0, chunk: int = 8, slide: bool = True) -> Iterator[list[list[int]]]:
     """Yield each row's new tokens every `chunk` steps; the cache stays on device between jitted chunks.
 
     The tokens, concatenated, equal `generate_ids` with the same arguments (one compile for every chunk).
@@ -343,7 +370,29 @@ def stream_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_token
     if chunk <= 0:
         raise JaxgptError(f"chunk must be positive, got {chunk}")
     prompts = [list(p) if len(p) else [eos_id] for p in prompts]
-    r = _prepare(cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids, no_repeat_ngram_size)
+    if not (slide and prompts and needs_slide(cfg, prompts, max_new_tokens)):
+        yield from _stream(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids,
+                           no_repeat_ngram_size, chunk)
+        return
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for plan in _windows(cfg, prompts, outputs, max_new_tokens, sampling, seed):
+        new: list[list[int]] = [[] for _ in plan.rows]
+        ended: list[bool] = []
+        for pieces in _stream(params, cfg, plan.contexts, plan.n, eos_id, n_vocab, plan.sampling, 0, stop_ids,
+                              no_repeat_ngram_size, chunk, keys_B=plan.keys_B, ended_out=ended):
+            out = [[] for _ in prompts]
+            for j, (b, toks) in enumerate(zip(plan.rows, pieces)):
+                new[j] += toks
+                out[b] = toks
+            yield out
+        plan.record(new, ended)
+
+
+def _stream(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids, no_repeat_ngram_size,
+            chunk, keys_B=None, ended_out: list[bool] | None = None) -> Iterator[list[list[int]]]:
+    """One window's streaming decode; `ended_out` receives each row's ended flag when it finishes."""
+    r = _prepare(cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids, no_repeat_ngram_size,
+                 keys_B)
     P = r.tokens_BxP.shape[1]
     state = _prefiller(cfg, P + max_new_tokens)(params, r.tokens_BxP, r.start_B, r.keys_B, r.n_vocab, r.stop_SxM)
     step = continuer(cfg, no_repeat_ngram_size)
@@ -361,4 +410,6 @@ def stream_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_token
             out.append(new)
         ended = [e or d for e, d in zip(ended, np.asarray(state.done_B).tolist())]
         emitted = produced
+        if ended_out is not None:
+            ended_out[:] = ended
         yield out

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ModelConfig, dtype_of
+from jaxgpt.precision import DTYPES
 
 Cache = dict[str, dict[str, jax.Array]]  # {"h_0": {"k": BxSxHxK, "v": BxSxHxK}, ...}
 
@@ -342,6 +343,10 @@ def validate(cfg: ModelConfig) -> None:
         raise JaxgptError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.attention not in ATTENTION:
         raise JaxgptError(f"model.attention must be one of {', '.join(ATTENTION)}; got '{cfg.attention}'")
+    if cfg.dtype not in DTYPES:
+        raise JaxgptError(f"model.dtype must be one of {', '.join(DTYPES)}; got '{cfg.dtype}'")
+    if cfg.param_dtype not in DTYPES[1:]:
+        raise JaxgptError(f"model.param_dtype must be one of {', '.join(DTYPES[1:])}; got '{cfg.param_dtype}'")
     if cfg.remat not in ("none", *REMAT_POLICIES):
         raise JaxgptError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got '{cfg.remat}'")
 

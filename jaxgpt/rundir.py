@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from jaxgpt import config as config_lib
@@ -23,7 +24,8 @@ def resolve_config(run_dir: Path, new: Config | None) -> Config:
     saved_file = config_path(run_dir)
     if not saved_file.is_file():
         if new is None:
-            raise JaxgptError(f"'{run_dir}' is not a jaxgpt run dir (no config.json); pass --config to start one")
+            raise JaxgptError(f"'{run_dir}' is not a jaxgpt run dir (no config.json); train one first with "
+                              f"`jaxgpt train --config FILE --run-dir {run_dir}`")
         return new
     saved = config_lib.load_json(saved_file)
     if new is None:
@@ -40,15 +42,29 @@ def resolve_config(run_dir: Path, new: Config | None) -> Config:
     return dataclasses.replace(new, model=saved.model)
 
 
+# Written beside a tokenizer jaxgpt fitted: the data settings it was fitted for.
+FITTED_FOR = "fitted_for.json"
+
+
 def tokenizer_for(cfg: Config, run_dir: Path) -> tokenizers.Tokenizer:
-    """The run's tokenizer: loaded from the run dir, or built from the corpus and saved there."""
+    """The run's tokenizer: loaded from the run dir, or built from the corpus and saved there.
+
+    A tokenizer left by a start that failed before its first step (no config.json yet) is reused only if
+    it was fitted for the same data settings; otherwise it is fitted again.
+    """
     folder = Path(run_dir) / "tokenizer"
+    fitted_for = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "cache_dir"}
     if (folder / "tokenizer.json").is_file():
-        return tokenizers.load(folder)
+        marker = folder / FITTED_FOR
+        stale = (not config_path(run_dir).is_file() and marker.is_file()
+                 and config_lib.read_json_dict(marker) != fitted_for)
+        if not stale:
+            return tokenizers.load(folder)
     # A char vocabulary must cover validation text too; learned vocabularies see training text only.
     splits = ("train", "val") if cfg.data.tokenizer == "char" else ("train",)
     tok = tokenizers.train(cfg.data.tokenizer, corpus.tokenizer_texts(cfg.data, splits), cfg.data.vocab_size)
     tok.save(folder)
+    (folder / FITTED_FOR).write_text(json.dumps(fitted_for, indent=1) + "\n")
     return tok
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+os.environ.setdefault("JAXGPT_AUTO_DTYPE", "float32")  # model.dtype=auto: reference numbers are float32's
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

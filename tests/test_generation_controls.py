@@ -158,9 +158,9 @@ def test_beam_search(params):
 
 def test_sliding_past_block_size(params):
     prompt = list(range(1, 61))  # 60 of 64 slots
-    with pytest.raises(JaxgptError, match="slide=True"):
-        generate_ids(params, CFG, [prompt], 30, eos_id=-1, n_vocab=N_VOCAB, sampling=GREEDY)
-    got = generate_ids(params, CFG, [prompt], 30, eos_id=-1, n_vocab=N_VOCAB, sampling=GREEDY, slide=True)[0]
+    with pytest.raises(JaxgptError, match="--max-new-tokens.*drop --no-slide"):
+        generate_ids(params, CFG, [prompt], 30, eos_id=-1, n_vocab=N_VOCAB, sampling=GREEDY, slide=False)
+    got = generate_ids(params, CFG, [prompt], 30, eos_id=-1, n_vocab=N_VOCAB, sampling=GREEDY)[0]  # slides
     assert len(got) == 30
     assert got[:4] == generate_ids(params, CFG, [prompt], 4, eos_id=-1, n_vocab=N_VOCAB, sampling=GREEDY)[0]
     window = (prompt + got[:4])[-32:]  # then the last half of the window is re-prefilled
@@ -193,3 +193,15 @@ def test_api_stop_strings_streaming_and_errors(params):
                        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(seed=[1, 2]), "seeds")]:
         with pytest.raises(JaxgptError, match=match):
             lm.generate("abc", max_new_tokens=4, **bad)
+
+
+def test_sliding_streams_what_it_generates_and_changes_nothing_that_fits(params):
+    prompts = [list(range(1, 41)), [7, 8, 9]]
+    sampled = SamplingParams(temperature=1.0, top_k=8)
+    kw = dict(eos_id=-1, n_vocab=N_VOCAB, sampling=sampled, seed=[4, 5])
+    whole = generate_ids(params, CFG, prompts, 100, **kw)  # 40 + 100 > 64: three windows
+    assert [len(r) for r in whole] == [100, 100]
+    pieces = list(stream_ids(params, CFG, prompts, 100, chunk=8, **kw))
+    assert [sum((p[b] for p in pieces), []) for b in range(2)] == whole
+    fits = generate_ids(params, CFG, [[7, 8, 9]], 20, **{**kw, "seed": [5]})
+    assert fits == generate_ids(params, CFG, [[7, 8, 9]], 20, slide=False, **{**kw, "seed": [5]})

@@ -34,6 +34,7 @@ from jaxgpt.finetune.batches import encode
 from jaxgpt.finetune.data import Example, TaskData, load_task
 from jaxgpt.finetune.infer import load_params
 from jaxgpt.finetune.loop import FineTuner, config_from_flat
+from jaxgpt.train.signals import StopRequest
 
 # Settings that must not change when a run dir is resumed (`rounds` may grow).
 FIXED = ("strategy", "seed_size", "query_size", "diversity", "mc_samples", "pool_size")
@@ -137,7 +138,15 @@ class ActiveLearner:
     # ---- the loop ------------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
-        """Rounds until `rounds` are done or a query waits for a person; returns the curve so far."""
+        """Rounds until `rounds` are done or a query waits for a person; returns the curve so far.
+
+        SIGINT/SIGTERM stop the whole run: a round cut short is not recorded, and the same command again
+        starts that round over.
+        """
+        with StopRequest() as stop:
+            return self._rounds(stop)
+
+    def _rounds(self, stop: StopRequest) -> list[dict[str, Any]]:
         s, curve = self.settings, self.state["curve"]
         if self.state["pending"]:
             self._receive_labels()
@@ -159,9 +168,17 @@ class ActiveLearner:
                 self._save()
             if done >= s.rounds:
                 return curve
+            if stop.requested:
+                print(f"{stop.signal_name}: stopped before round {done}; run the same command to continue", flush=True)
+                return curve
             t0 = time.perf_counter()
+            fitted = self.fit(done)
+            if stop.requested:  # the round's fine-tune was cut short: not a point of the curve
+                print(f"{stop.signal_name}: round {done} was interrupted and is not recorded; run the same command "
+                      f"to run it again", flush=True)
+                return curve
             record = {"round": done, "labelled": len(self.state["labelled"]), "strategy": s.strategy,
-                      "seed": self.cfg.seed, "diversity": s.diversity, **self.fit(done)}
+                      "seed": self.cfg.seed, "diversity": s.diversity, **fitted}
             record["seconds"] = round(time.perf_counter() - t0, 1)
             curve.append(record)
             self._save()

@@ -159,9 +159,16 @@ def hf_to_params(hf_dir: str | Path) -> HFCheckpoint:
     return HFCheckpoint(model, params, n_vocab)
 
 
-def load_hf_tokenizer(hf_dir: str | Path) -> tokenizers.GPT2Tokenizer:
-    """jaxgpt's GPT-2 tokenizer from an HF folder's vocab.json + merges.txt (or, failing that, tokenizer.json)."""
+# Where `jaxgpt convert jaxgpt-to-hf` keeps a tokenizer transformers cannot load (char, sentencepiece).
+JAXGPT_TOKENIZER_DIR = "jaxgpt_tokenizer"
+
+
+def load_hf_tokenizer(hf_dir: str | Path) -> tokenizers.Tokenizer:
+    """The tokenizer of an HF folder: jaxgpt's own if jaxgpt exported it with one, else GPT-2's from
+    vocab.json + merges.txt (or, failing that, tokenizer.json)."""
     hf_dir = Path(hf_dir)
+    if (hf_dir / JAXGPT_TOKENIZER_DIR / "tokenizer.json").is_file():
+        return tokenizers.load(hf_dir / JAXGPT_TOKENIZER_DIR)
     if (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
         return _gpt2_tokenizer(hf_dir / "vocab.json", hf_dir / "merges.txt", hf_dir)
     if (hf_dir / "tokenizer.json").is_file():
@@ -175,8 +182,9 @@ def load_hf_tokenizer(hf_dir: str | Path) -> tokenizers.GPT2Tokenizer:
         (tmp / "encoder.json").write_text(json.dumps(bpe["vocab"]))
         (tmp / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
         return _gpt2_tokenizer(tmp / "encoder.json", tmp / "vocab.bpe", hf_dir)
-    raise JaxgptError(f"'{hf_dir}' has no tokenizer (vocab.json + merges.txt, or tokenizer.json); "
-                      "copy the GPT-2 tokenizer files there")
+    raise JaxgptError(f"'{hf_dir}' has no tokenizer (vocab.json + merges.txt, tokenizer.json or "
+                      f"{JAXGPT_TOKENIZER_DIR}/); add the tokenizer the model was trained with (GPT-2's files only if "
+                      "it was trained with GPT-2's tokenizer)")
 
 
 def _gpt2_tokenizer(encoder_json: Path, vocab_bpe: Path, hf_dir: Path) -> tokenizers.GPT2Tokenizer:
@@ -207,7 +215,7 @@ def from_pretrained(hf_dir: str | Path):
     ckpt = hf_to_params(hf_dir)
     tok = load_hf_tokenizer(hf_dir)
     _check_tokenizer_fits(tok, ckpt.n_vocab, hf_dir)
-    cfg = Config(model=ckpt.model, data=DataConfig(tokenizer="gpt2"))
+    cfg = Config(model=ckpt.model, data=DataConfig(tokenizer=tok.kind))
     return LanguageModel(cfg, jax.device_put(ckpt.params), tok, step=None)
 
 
@@ -233,10 +241,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] | di
     for key in _ARCH_KEYS + ("preset",):
         if f"model.{key}" in flat:
             raise JaxgptError(f"model.{key} comes from the Hugging Face checkpoint and cannot be overridden")
-    if flat.get("data.tokenizer", "gpt2") != "gpt2":
-        raise JaxgptError("an imported GPT-2 uses data.tokenizer=gpt2; drop the data.tokenizer override")
+    if flat.get("data.tokenizer", tok.kind) != tok.kind:
+        raise JaxgptError(f"this checkpoint's tokenizer is '{tok.kind}'; drop the data.tokenizer override")
     flat.update({f"model.{k}": getattr(ckpt.model, k) for k in _ARCH_KEYS})
-    flat["data.tokenizer"] = "gpt2"
+    flat["data.tokenizer"] = tok.kind
     cfg = config_lib.build(flat)
 
     dtype = config_lib.dtype_of(cfg.model.param_dtype)
@@ -327,6 +335,9 @@ def params_to_hf(cfg: Config | ModelConfig, params, n_vocab: int, hf_dir: str | 
             {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.block_size, "bos_token": tokenizers.EOS,
              "eos_token": tokenizers.EOS, "unk_token": tokenizers.EOS, "add_prefix_space": False}, indent=2) + "\n")
         written += [hf_dir / "vocab.json", hf_dir / "merges.txt", hf_dir / "tokenizer_config.json"]
+    elif tokenizer is not None:  # transformers cannot load it; kept so the folder converts back whole
+        tokenizer.save(hf_dir / JAXGPT_TOKENIZER_DIR)
+        written.append(hf_dir / JAXGPT_TOKENIZER_DIR)
     return written
 
 

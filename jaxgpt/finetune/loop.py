@@ -211,6 +211,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     from jaxgpt.finetune.infer import load_params
 
     run_dir = Path(run_dir)
+    if not rundir.resolve_config(run_dir, None).finetune.task:
+        raise JaxgptError(f"'{run_dir}' is a pretraining run dir; `jaxgpt evaluate` takes fine-tune run dirs "
+                          "(score a pretrained model with `jaxgpt perplexity --run-dir ... --file ...`)")
     cfg, params, meta = load_params(run_dir, checkpoint)
     task = task or load_task(cfg.finetune)
     examples = task.split(split)

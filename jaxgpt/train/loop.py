@@ -6,6 +6,7 @@ dropout are pure functions of (seed, step), the resumed run reproduces the unint
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from jaxgpt.data import corpus
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import flops_per_token, param_count, validate
 from jaxgpt.perf import peak_flops_per_device
+from jaxgpt.precision import describe_auto
 from jaxgpt.train.checkpoint import Checkpointer
 from jaxgpt.train.metrics_log import MetricsLog
 from jaxgpt.train import sharded
@@ -45,9 +47,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = rundir.resolve_config(self.run_dir, cfg)
+        # Check everything that can be checked before the run dir is touched: a bad value leaves nothing behind.
         check_train_config(cfg.train)
+        validate(dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or 1))  # vocab: from the tokenizer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         # Process 0 fits the tokenizer into the (shared) run dir; the other hosts then read it.
         if jax.process_index() == 0:
             rundir.tokenizer_for(cfg, self.run_dir)
@@ -57,8 +61,6 @@ class Trainer:
         validate(cfg.model)
         self.cfg, self.tokenizer = cfg, tok
         self.data = corpus.prepare(cfg.data, tok)
-        if jax.process_index() == 0:
-            config_lib.save_json(cfg, rundir.config_path(self.run_dir))
 
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.init_rng, self.dropout_rng = jax.random.split(jax.random.key(cfg.seed))
@@ -102,6 +104,8 @@ class Trainer:
         if is_main:
             print(f"jaxgpt: {n_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
                   f"steps {start}->{tc.steps}, {tokens_per_step} tokens/step")
+            if cfg.model.dtype == "auto":
+                print(f"jaxgpt: {describe_auto()}")
         bar = tqdm(total=tc.steps, initial=start, disable=not (tc.progress and is_main), dynamic_ncols=True)
         stream = corpus.batch_stream(self.train_batches, start, tc.steps)
         summary: dict[str, Any] = {"step": start}
@@ -119,6 +123,10 @@ class Trainer:
                     raise JaxgptError(f"training loss became {loss} at step {done}; stopped without saving it "
                                       f"(the run dir keeps its last good checkpoint). Lower train.lr or raise "
                                       "train.warmup_steps, then run the same command to resume")
+                if step == start and is_main:
+                    # Only now, with a step that ran, does the run dir become a run: a failed start leaves no
+                    # config.json to block the corrected command.
+                    config_lib.save_json(cfg, rundir.config_path(self.run_dir))
                 stopping = distributed.any_process(stop.requested)
                 is_last = done == tc.steps or stopping
                 evaluate = done % tc.eval_every == 0 or done % tc.save_every == 0 or is_last
