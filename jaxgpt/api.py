@@ -128,7 +128,8 @@ class LanguageModel:
         tokens = np.asarray([self.tokenizer.encode(text)], np.int32)
         if tokens.shape[1] > self.cfg.model.block_size:
             raise JaxgptError(f"text is {tokens.shape[1]} tokens, longer than the model's context of "
-                              f"{self.cfg.model.block_size}; use perplexity() for long texts")
+                              f"{self.cfg.model.block_size}; shorten it, or score long texts with perplexity() "
+                              "(`jaxgpt perplexity`)")
         return np.asarray(_forward(self.cfg.model)(self.params, tokens)[0])
 
 

@@ -68,7 +68,7 @@ class ChatSession:
         self.n_dropped = 0  # turns dropped so far to stay inside block_size
         if len(self.system_ids) >= cfg.block_size:
             raise JaxgptError(f"system prompt ({len(self.system_ids)} tokens) does not fit the model's context "
-                              f"of {cfg.block_size} tokens")
+                              f"of {cfg.block_size} tokens; shorten it (--system / system=)")
 
     @property
     def tokens(self) -> list[int]:

@@ -70,7 +70,8 @@ def perplexity(params, cfg: ModelConfig, ids: list[int], stride: int | None = No
     window = window or cfg.block_size
     stride = stride or window
     if window > cfg.block_size:
-        raise JaxgptError(f"window ({window}) exceeds the model's context of {cfg.block_size} tokens")
+        raise JaxgptError(f"window ({window}) exceeds the model's context of {cfg.block_size} tokens; lower "
+                          "--window (window=) or leave it out to use the whole context")
     if len(ids) < 2:
         raise JaxgptError(f"need at least 2 tokens to score, got {len(ids)}")
     windows = sliding_windows(len(ids), window, stride)

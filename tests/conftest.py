@@ -9,8 +9,12 @@ os.environ.setdefault("JAXGPT_AUTO_DTYPE", "float32")  # model.dtype=auto: refer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import jax
 import pydoc_data.topics
 import pytest
+
+# Reference comparisons (float64, transformers) need true float32 matmuls: NVIDIA GPUs default to TF32.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

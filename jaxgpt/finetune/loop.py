@@ -103,7 +103,8 @@ def check(cfg: Config) -> None:
     if not 0 <= ft.plateau_factor < 1:
         raise JaxgptError(f"finetune.plateau_factor must be in [0, 1), got {ft.plateau_factor}")
     if ft.max_len > cfg.model.block_size:
-        raise JaxgptError(f"finetune.max_len ({ft.max_len}) exceeds model.block_size ({cfg.model.block_size})")
+        raise JaxgptError(f"finetune.max_len ({ft.max_len}) exceeds model.block_size ({cfg.model.block_size}); lower "
+                          "finetune.max_len (0 means the whole context)")
 
 
 class FineTuner:

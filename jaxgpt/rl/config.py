@@ -52,4 +52,4 @@ def check(cfg: Config) -> None:
         raise JaxgptError("rl.kl_coef must be >= 0 and rl.clip_eps, rl.adv_eps, rl.temperature positive")
     if rl.max_new_tokens >= cfg.model.block_size:
         raise JaxgptError(f"rl.max_new_tokens ({rl.max_new_tokens}) must be below the model's context "
-                          f"({cfg.model.block_size})")
+                          f"({cfg.model.block_size}); lower rl.max_new_tokens")
