@@ -264,3 +264,14 @@ def test_hostile_or_invalid_values_get_400_and_server_keeps_serving(base_url, cl
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == param and "\n" not in err["message"]
     assert client.completions.create(model="gpt2-tiny", prompt="ok", max_tokens=1, temperature=0).choices
+
+
+def test_tokenizer_routes_for_lm_eval_remote_backend(base_url, lm):
+    text = "Hello naïve world"
+    r = httpx.post(f"{base_url}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert r["tokens"] == lm.tokenizer.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] == 64
+    assert httpx.post(f"{base_url}/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
+    info = httpx.get(f"{base_url}/tokenizer_info").json()
+    assert info["eos_token_id"] == lm.tokenizer.eos_id and info["vocab_size"] == N_VOCAB
+    bad = httpx.post(f"{base_url}/detokenize", json={"tokens": [N_VOCAB]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"

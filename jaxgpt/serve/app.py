@@ -66,6 +66,10 @@ def create_app(model, name: str = "jaxgpt", max_batch: int = 8, max_wait_ms: flo
         Route("/v1/models/{model_id:path}", _model, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
+        # vLLM's tokenizer routes: lm-evaluation-harness's tokenizer_backend=remote works with any tokenizer.
+        Route("/tokenize", _tokenize, methods=["POST"]),
+        Route("/detokenize", _detokenize, methods=["POST"]),
+        Route("/tokenizer_info", _tokenizer_info, methods=["GET"]),
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _server_error}
     middleware = [Middleware(MetricsMiddleware, metrics=lambda: serving.batcher.metrics)]
@@ -342,6 +346,33 @@ async def _health(request: HttpRequest):
 async def _metrics(request: HttpRequest):
     serving: Serving = request.app.state.serving
     return Response(serving.batcher.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _tokenize(request: HttpRequest):
+    serving: Serving = request.app.state.serving
+    text = protocol.parse_tokenize(await _read_json(request, serving.limits))
+    try:
+        ids = serving.model.tokenizer.encode(text)
+    except JaxgptError as e:
+        raise ApiError(400, str(e), param="prompt") from None
+    return JSONResponse({"count": len(ids), "max_model_len": serving.model.cfg.model.block_size, "tokens": ids,
+                         "token_strs": None})
+
+
+async def _detokenize(request: HttpRequest):
+    serving: Serving = request.app.state.serving
+    tok = serving.model.tokenizer
+    ids = protocol.parse_detokenize(await _read_json(request, serving.limits), tok.vocab_size)
+    return JSONResponse({"prompt": tok.decode(ids)})
+
+
+async def _tokenizer_info(request: HttpRequest):
+    serving: Serving = request.app.state.serving
+    tok = serving.model.tokenizer
+    # No special-token strings: /tokenize treats text as text, so "<|endoftext|>" would not give eos_token_id.
+    return JSONResponse({"tokenizer_class": type(tok).__name__, "eos_token": None, "bos_token": None,
+                         "pad_token": None, "eos_token_id": tok.eos_id, "vocab_size": tok.vocab_size,
+                         "model_max_length": serving.model.cfg.model.block_size})
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "best",

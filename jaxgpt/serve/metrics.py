@@ -15,7 +15,8 @@ from typing import Callable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
+          "/tokenizer_info")
 
 
 def _escape(value: str) -> str:
@@ -93,15 +94,17 @@ class Metrics:
                                 ("route", "status"))
         self.latency = Histogram("jaxgpt_request_duration_seconds", "Time from request to last response byte.",
                                  LATENCY_BUCKETS, ("route",))
-        self.prompt_tokens = Counter("jaxgpt_prompt_tokens_total", "Prompt tokens of the rows run (generated or scored).")
+        self.prompt_tokens = Counter("jaxgpt_prompt_tokens_total", "Prompt tokens of the rows generated from.")
         self.generated_tokens = Counter("jaxgpt_generation_tokens_total", "Tokens generated.")
+        self.scored_tokens = Counter("jaxgpt_scored_tokens_total", "Tokens of the rows scored (logprobs, echo).")
         self.queue_wait = Histogram("jaxgpt_queue_wait_seconds", "Time a row waited in the queue before its batch ran.",
                                     LATENCY_BUCKETS)
         self.batch_rows = Histogram("jaxgpt_batch_rows", "Rows per batch run on the device, by kind.", rows, ("kind",))
         self.occupancy = Histogram("jaxgpt_batch_occupancy_ratio", "Rows per batch as a fraction of max_batch.",
                                    (0.125, 0.25, 0.5, 0.75, 1.0), ("kind",))
         self.max_batch = max_batch
-        self._all = [self.requests, self.latency, self.prompt_tokens, self.generated_tokens, self.queue_wait,
+        self._all = [self.requests, self.latency, self.prompt_tokens, self.generated_tokens, self.scored_tokens,
+                     self.queue_wait,
                      self.batch_rows, self.occupancy,
                      Gauge("jaxgpt_queue_length", "Rows waiting for a batch.", queue_length),
                      Gauge("jaxgpt_running_rows", "Rows in the batch running now.", running_rows),
@@ -113,11 +116,12 @@ class Metrics:
             self.requests.inc(1, route, str(status))
             self.latency.observe(seconds, route)
 
-    def batch(self, kind: str, rows: int, prompt_tokens: int, waits: list[float]) -> None:
+    def batch(self, kind: str, rows: int, tokens: int, waits: list[float]) -> None:
+        """A batch starts: `kind` is 'generate' (tokens: prompt tokens) or 'score' (tokens: scored tokens)."""
         with self._lock:
             self.batch_rows.observe(rows, kind)
             self.occupancy.observe(rows / self.max_batch, kind)
-            self.prompt_tokens.inc(prompt_tokens)
+            (self.scored_tokens if kind == "score" else self.prompt_tokens).inc(tokens)
             for w in waits:
                 self.queue_wait.observe(w)
 

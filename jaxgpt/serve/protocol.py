@@ -150,6 +150,24 @@ def parse(body: Any, chat: bool, limits: Limits) -> Request:
                    bool((opts or {}).get("include_usage", False)), stop or [], seed, model, echo, logprobs)
 
 
+def parse_tokenize(body: Any) -> str:
+    """vLLM's POST /tokenize body: {"prompt": text, "add_special_tokens": bool, "model": name}."""
+    _expect(isinstance(body, dict) and set(body) <= {"prompt", "add_special_tokens", "model"}, "body",
+            'an object with "prompt" (and optional "add_special_tokens", "model")', body)
+    _expect(isinstance(body.get("prompt"), str), "prompt", "a string", body.get("prompt"))
+    return body["prompt"]
+
+
+def parse_detokenize(body: Any, n_vocab: int) -> list[int]:
+    """vLLM's POST /detokenize body: {"tokens": [ids], "model": name}."""
+    _expect(isinstance(body, dict) and set(body) <= {"tokens", "model"}, "body",
+            'an object with "tokens" (and optional "model")', body)
+    tokens = body.get("tokens")
+    _expect(isinstance(tokens, list) and all(_is_int(t) and 0 <= t < n_vocab for t in tokens), "tokens",
+            f"a list of token ids in [0, {n_vocab})", tokens)
+    return tokens
+
+
 def _completion_logprobs(g) -> int | None:
     n = g("logprobs")
     _expect(n is None or (_is_int(n) and 0 <= n <= MAX_TOP), "logprobs", f"null or an integer in [0, {MAX_TOP}]", n)
