@@ -1,10 +1,15 @@
 """HTTP routes (Starlette) for an OpenAI-compatible server, and `serve()` which runs them under uvicorn.
 
 POST /v1/completions and /v1/chat/completions answer with JSON, or with server-sent events
-(`data: {chunk}` lines, then `data: [DONE]`) when `stream` is true; GET /v1/models, /v1/models/{id} and
-/health, and /metrics (Prometheus text). Every error is OpenAI's error JSON with a 4xx/5xx status. Shutdown (SIGTERM, Ctrl-C): uvicorn
-stops accepting connections and waits up to `graceful_s` for responses in flight, then the batcher fails
-whatever is left with a 503 (a stream gets an error event and `[DONE]`).
+(`data: {chunk}` lines, then `data: [DONE]`) when `stream` is true; GET /v1/models, /v1/models/{id},
+/health and /metrics (Prometheus text); vLLM's /tokenize, /detokenize and /tokenizer_info. Every error
+is OpenAI's error JSON with a 4xx/5xx status. Shutdown (SIGTERM, Ctrl-C): uvicorn stops accepting
+connections and waits up to `graceful_s` for responses in flight, then the batcher fails whatever is
+left with a 503 (a stream gets an error event and `[DONE]`).
+
+`logprobs` (and `echo`) are computed after generation by one scoring pass over prompt + completion
+(a ScoreJob through the same batcher), so they are the model's raw log-probabilities, before
+temperature, top-k/top-p or penalties, as vLLM reports them by default. Not with `stream` (a 400).
 """
 
 from __future__ import annotations
