@@ -17,6 +17,7 @@ from jaxgpt.chat import ChatSession
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import SamplingParams, generate_ids, stream_ids
 from jaxgpt.perplexity import PerplexityResult, perplexity
+from jaxgpt.scoring import Score, score_ids
 from jaxgpt.model import GPT, init_params, param_count, unstack_layers
 
 
@@ -122,6 +123,25 @@ class LanguageModel:
         """Sliding-window perplexity of `text` (see jaxgpt.perplexity)."""
         return perplexity(self.params, self.cfg.model, self.tokenizer.encode(text), stride=stride, window=window,
                           n_vocab=self.tokenizer.vocab_size)
+
+    def score(self, context: str | list[str], continuation: str | list[str]) -> Score | list[Score]:
+        """log p(continuation | context) summed over its tokens, and whether greedy decoding gives it.
+
+        lm-evaluation-harness's loglikelihood: lists in, lists out (one batch). Context and continuation are
+        encoded separately and joined; an empty context starts from end-of-text. Log-probabilities are
+        float32 from the forward pass `logits` runs (see jaxgpt.scoring).
+        """
+        single = isinstance(context, str)
+        contexts, continuations = ([context], [continuation]) if single else (list(context), list(continuation))
+        tok = self.tokenizer
+        ctx_ids = [tok.encode(c) or [tok.eos_id] for c in contexts]
+        cont_ids = [tok.encode(c) for c in continuations]
+        for c, x in zip(ctx_ids, cont_ids):
+            if len(c) + len(x) > self.cfg.model.block_size:
+                raise JaxgptError(f"context + continuation is {len(c) + len(x)} tokens, longer than the model's "
+                                  f"context of {self.cfg.model.block_size}; shorten the context")
+        scores = score_ids(self.params, self.cfg.model, ctx_ids, cont_ids, n_vocab=tok.vocab_size)
+        return scores[0] if single else scores
 
     def logits(self, text: str) -> np.ndarray:
         """TxV next-token logits for every position of `text` (float32)."""

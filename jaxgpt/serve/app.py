@@ -1,10 +1,15 @@
 """HTTP routes (Starlette) for an OpenAI-compatible server, and `serve()` which runs them under uvicorn.
 
 POST /v1/completions and /v1/chat/completions answer with JSON, or with server-sent events
-(`data: {chunk}` lines, then `data: [DONE]`) when `stream` is true; GET /v1/models, /v1/models/{id} and
-/health. Every error is OpenAI's error JSON with a 4xx/5xx status. Shutdown (SIGTERM, Ctrl-C): uvicorn
-stops accepting connections and waits up to `graceful_s` for responses in flight, then the batcher fails
-whatever is left with a 503 (a stream gets an error event and `[DONE]`).
+(`data: {chunk}` lines, then `data: [DONE]`) when `stream` is true; GET /v1/models, /v1/models/{id},
+/health and /metrics (Prometheus text); vLLM's /tokenize, /detokenize and /tokenizer_info. Every error
+is OpenAI's error JSON with a 4xx/5xx status. Shutdown (SIGTERM, Ctrl-C): uvicorn stops accepting
+connections and waits up to `graceful_s` for responses in flight, then the batcher fails whatever is
+left with a 503 (a stream gets an error event and `[DONE]`).
+
+`logprobs` (and `echo`) are computed after generation by one scoring pass over prompt + completion
+(a ScoreJob through the same batcher), so they are the model's raw log-probabilities, before
+temperature, top-k/top-p or penalties, as vLLM reports them by default. Not with `stream` (a 400).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,14 +26,17 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import SamplingParams
+from jaxgpt.serve import logprobs as logprobs_lib
 from jaxgpt.serve import protocol
-from jaxgpt.serve.batcher import Batcher, Job
+from jaxgpt.serve.batcher import Batcher, Job, ScoreJob
+from jaxgpt.serve.metrics import CONTENT_TYPE, MetricsMiddleware
 from jaxgpt.serve.protocol import ApiError, Limits
 
 log = logging.getLogger("jaxgpt.serve")
@@ -61,9 +70,15 @@ def create_app(model, name: str = "jaxgpt", max_batch: int = 8, max_wait_ms: flo
         Route("/v1/models", _models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", _model, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
+        # vLLM's tokenizer routes: lm-evaluation-harness's tokenizer_backend=remote works with any tokenizer.
+        Route("/tokenize", _tokenize, methods=["POST"]),
+        Route("/detokenize", _detokenize, methods=["POST"]),
+        Route("/tokenizer_info", _tokenizer_info, methods=["GET"]),
     ]
     handlers = {ApiError: _api_error, HTTPException: _http_error, Exception: _server_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = [Middleware(MetricsMiddleware, metrics=lambda: serving.batcher.metrics)]
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
     app.state.serving = serving
     return app
 
@@ -103,9 +118,24 @@ async def _read_json(request: HttpRequest, limits: Limits) -> Any:
     if not text.strip():
         raise ApiError(400, "the request body is empty; send a JSON object")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_non_finite, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise ApiError(400, "the request body has a number with too many digits") from None
+
+
+def _non_finite(name: str):
+    raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ApiError(400, f"the request body has a number out of range: {text[:40]}")
+    return value
 
 
 async def _completions(request: HttpRequest):
@@ -118,38 +148,64 @@ async def _chat(request: HttpRequest):
 
 def _encode(serving: Serving, req: protocol.Request, prompt) -> list[int]:
     tok = serving.model.tokenizer
+    param = "messages" if req.chat else "prompt"
+    if isinstance(prompt, list) and not req.chat:  # token ids, as lm-evaluation-harness sends them
+        bad = next((t for t in prompt if t >= tok.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is out of range; this model's vocabulary has {tok.vocab_size} "
+                                "ids", param=param)
+        return list(prompt)
     try:
         ids = protocol.chat_ids(prompt, tok) if req.chat else tok.encode(prompt)
     except JaxgptError as e:
-        raise ApiError(400, str(e), param="messages" if req.chat else "prompt") from None
+        raise ApiError(400, str(e), param=param) from None
     return ids or [tok.eos_id]  # an empty prompt starts from end-of-text, as jaxgpt.generate does
 
 
-def _jobs(serving: Serving, req: protocol.Request, emit) -> tuple[list[Job], list[int]]:
+def _prompt_ids(serving: Serving, req: protocol.Request) -> list[list[int]]:
+    """Each prompt's ids, checked against the context (a pure scoring request may fill all of it)."""
+    block, limits = serving.model.cfg.model.block_size, serving.limits
+    most = block if req.max_tokens == 0 else min(limits.max_prompt_tokens, block - 1)
+    out = []
+    for prompt in req.prompts:
+        ids = _encode(serving, req, prompt)
+        if len(ids) > most:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this model takes at most {most}",
+                           param="messages" if req.chat else "prompt", code="context_length_exceeded")
+        out.append(ids)
+    return out
+
+
+def _jobs(serving: Serving, req: protocol.Request, prompts: list[list[int]], emit) -> list[Job]:
     """One job per (prompt, n); choice index = prompt index * n + sample index, as OpenAI numbers them."""
     block, limits = serving.model.cfg.model.block_size, serving.limits
     sampling = SamplingParams(req.temperature, req.top_k, req.top_p, req.repetition_penalty)
     seed = secrets.randbits(31) if req.seed is None else req.seed
-    jobs, prompt_lens = [], []
-    for i, prompt in enumerate(req.prompts):
-        ids = _encode(serving, req, prompt)
+    jobs = []
+    for i, ids in enumerate(prompts):
         room = block - len(ids)
-        if len(ids) > limits.max_prompt_tokens or room < 1:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this model takes at most "
-                                f"{min(limits.max_prompt_tokens, block - 1)}", param="messages" if req.chat else "prompt",
-                           code="context_length_exceeded")
         # OpenAI's defaults: 16 tokens for completions, the rest of the context for chat.
         max_tokens = req.max_tokens or (16 if not req.chat else min(room, limits.max_new_tokens))
         if len(ids) + max_tokens > block:
             raise ApiError(400, f"this model's context is {block} tokens; the prompt is {len(ids)} and max_tokens "
                                 f"{max_tokens}: lower max_tokens to {room} or less", param="max_tokens",
                            code="context_length_exceeded")
-        prompt_lens.append(len(ids))
         for k in range(req.n):
             index = i * req.n + k
             jobs.append(Job(ids, max_tokens, sampling, (seed + index) % 2**31, req.stop,
                             lambda ev, index=index: emit((index, *ev))))
-    return jobs, prompt_lens
+    return jobs
+
+
+def _channel() -> tuple[asyncio.Queue, Any]:
+    """A queue on this event loop and a thread-safe `emit` that feeds it from the batcher's thread."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def emit(ev) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is listening
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+    return events, emit
 
 
 async def _generate(request: HttpRequest, chat: bool):
@@ -158,19 +214,17 @@ async def _generate(request: HttpRequest, chat: bool):
     if req.model is not None and req.model != serving.name:
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{serving.name}'",
                        param="model", code="model_not_found")
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-    def emit(ev) -> None:  # called from the batcher's thread
-        with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody is listening
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
-    jobs, prompt_lens = _jobs(serving, req, emit)
+    events, emit = _channel()
+    prompts = _prompt_ids(serving, req)
+    prompt_lens = [len(ids) for ids in prompts]
+    jobs = _jobs(serving, req, prompts, emit) if req.max_tokens != 0 else []
     serving.batcher.submit(jobs)
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
     if req.stream:
         return StreamingResponse(_sse(req, rid, serving.name, jobs, prompt_lens, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    texts, reasons, n_tokens = [""] * len(jobs), [None] * len(jobs), 0
+    n_choices = len(prompts) * req.n
+    texts, reasons, n_tokens = [""] * n_choices, ["length"] * n_choices, 0  # max_tokens 0: nothing generated
     try:
         for _ in range(len(jobs)):
             while True:
@@ -185,10 +239,54 @@ async def _generate(request: HttpRequest, chat: bool):
     finally:
         for job in jobs:  # a failed or abandoned request frees its rows
             job.cancelled = True
+    rows = [prompts[i // req.n] for i in range(n_choices)]
+    new_ids = [_shown_ids(serving.model.tokenizer, job.ids, text) for job, text in zip(jobs, texts)] or [[]] * n_choices
+    logprobs = await _logprobs(serving, req, rows, new_ids)
+    if req.echo:  # the prompt as sent (a string), or as its ids decode
+        texts = [(p if isinstance(p, str) else serving.model.tokenizer.decode(ids)) + t
+                 for p, ids, t in zip((req.prompts[i // req.n] for i in range(n_choices)), rows, texts)]
     body = protocol.envelope(req, rid, serving.name)
-    body["choices"] = [protocol.choice(req, i, texts[i], reasons[i]) for i in range(len(jobs))]
+    body["choices"] = [protocol.choice(req, i, texts[i], reasons[i], logprobs=logprobs[i]) for i in range(n_choices)]
     body["usage"] = protocol.usage(sum(prompt_lens) * req.n, n_tokens)
     return JSONResponse(body)
+
+
+def _shown_ids(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The generated tokens behind the returned text: those past a stop string are dropped."""
+    if tokenizer.decode(ids) == text:
+        return list(ids)
+    return next(ids[:k] for k in range(len(ids) + 1) if len(tokenizer.decode(ids[:k])) >= len(text))
+
+
+async def _logprobs(serving: Serving, req: protocol.Request, prompts: list[list[int]],
+                    new_ids: list[list[int]]) -> list[dict[str, Any] | None]:
+    """Each choice's logprobs object (None when not asked), scored in one pass over prompt + completion."""
+    if req.logprobs is None:
+        return [None] * len(prompts)
+    rows = [p + n for p, n in zip(prompts, new_ids)]
+    unique = list(dict.fromkeys(map(tuple, rows)))  # n > 1 with max_tokens 0 or greedy: score once
+    events, emit = _channel()
+    jobs = [ScoreJob(list(row), req.logprobs, lambda ev, k=k: emit((k, *ev))) for k, row in enumerate(unique)]
+    serving.batcher.submit(jobs)
+    results: list[Any] = [None] * len(jobs)
+    try:
+        for _ in jobs:
+            k, kind, *rest = await events.get()
+            if kind == "error":
+                raise ApiError(rest[0], rest[1], type="server_error")
+            results[k] = rest[0]
+    finally:
+        for job in jobs:
+            job.cancelled = True
+    by_row = dict(zip(unique, results))
+    tok, out = serving.model.tokenizer, []
+    for prompt, row in zip(prompts, rows):
+        if req.chat:
+            out.append(logprobs_lib.chat_logprobs(tok, row, by_row[tuple(row)], len(prompt), req.logprobs))
+        else:
+            first = 0 if req.echo else len(prompt)
+            out.append(logprobs_lib.completion_logprobs(tok, row, by_row[tuple(row)], first, req.logprobs))
+    return out
 
 
 def _sse_line(obj) -> str:
@@ -248,6 +346,38 @@ async def _health(request: HttpRequest):
     serving: Serving = request.app.state.serving
     return JSONResponse({"status": "ok", "model": serving.name, "pending": serving.batcher.pending,
                          "max_batch": serving.batcher.max_batch, **serving.batcher.stats})
+
+
+async def _metrics(request: HttpRequest):
+    serving: Serving = request.app.state.serving
+    return Response(serving.batcher.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _tokenize(request: HttpRequest):
+    serving: Serving = request.app.state.serving
+    text = protocol.parse_tokenize(await _read_json(request, serving.limits))
+    try:
+        ids = serving.model.tokenizer.encode(text)
+    except JaxgptError as e:
+        raise ApiError(400, str(e), param="prompt") from None
+    return JSONResponse({"count": len(ids), "max_model_len": serving.model.cfg.model.block_size, "tokens": ids,
+                         "token_strs": None})
+
+
+async def _detokenize(request: HttpRequest):
+    serving: Serving = request.app.state.serving
+    tok = serving.model.tokenizer
+    ids = protocol.parse_detokenize(await _read_json(request, serving.limits), tok.vocab_size)
+    return JSONResponse({"prompt": tok.decode(ids)})
+
+
+async def _tokenizer_info(request: HttpRequest):
+    serving: Serving = request.app.state.serving
+    tok = serving.model.tokenizer
+    # No special-token strings: /tokenize treats text as text, so "<|endoftext|>" would not give eos_token_id.
+    return JSONResponse({"tokenizer_class": type(tok).__name__, "eos_token": None, "bos_token": None,
+                         "pad_token": None, "eos_token_id": tok.eos_id, "vocab_size": tok.vocab_size,
+                         "model_max_length": serving.model.cfg.model.block_size})
 
 
 def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "best",

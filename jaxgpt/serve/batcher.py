@@ -13,6 +13,9 @@ Streaming granularity: the decode runs in jitted chunks of `chunk` tokens (`jaxg
 the KV cache stays on the device between chunks) and text goes out after each chunk, so a stream gets its
 tokens in groups of up to `chunk`. Text that ends in half a UTF-8 character or in what may be the start
 of a stop string is held back until the next chunk decides it.
+
+Scoring (`ScoreJob`: log-probabilities of given tokens, for `logprobs`/`echo`) runs through the same
+queue: waiting score jobs, up to `max_batch` rows, share one forward pass (jaxgpt.scoring).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from jaxgpt.generate import SamplingParams, prompt_bucket, stream_ids
+from jaxgpt.scoring import token_logprobs
+from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.protocol import ApiError
 
 log = logging.getLogger("jaxgpt.serve")
 
 # Events a job sends back (from the worker thread): ("text", piece), ("done", finish_reason, n_tokens),
-# ("error", http_status, message).
+# ("scored", TokenLogprobs) for a ScoreJob, ("error", http_status, message).
 Emit = Callable[[tuple], None]
 
 
@@ -48,6 +53,7 @@ class Job:
     ids: list[int] = field(default_factory=list)
     shown: str = ""
     finished: bool = False
+    queued_at: float = 0.0
 
     @property
     def key(self) -> SamplingParams:
@@ -87,6 +93,23 @@ class Job:
         self.emit(("error", status, message))
 
 
+@dataclass(eq=False)
+class ScoreJob:
+    """One row of token ids to score (at most block_size tokens); `top_n` alternatives per position."""
+
+    ids: list[int]
+    top_n: int
+    emit: Emit
+    cancelled: bool = False
+    finished: bool = False
+    queued_at: float = 0.0
+    key = "score"  # score jobs batch only with each other
+
+    def fail(self, status: int, message: str) -> None:
+        self.finished = True
+        self.emit(("error", status, message))
+
+
 class Batcher:
     """Queue + worker thread. `submit` is thread-safe; `close` cancels what has not run and stops the worker."""
 
@@ -98,6 +121,8 @@ class Batcher:
         self._closed = self._abort = False
         self._thread = threading.Thread(target=self._loop, name="jaxgpt-batcher", daemon=True)
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
+        self.running = 0  # rows in the batch on the device now
+        self.metrics = Metrics(max_batch, lambda: self.pending, lambda: self.running)
 
     def start(self) -> None:
         self._thread.start()
@@ -106,13 +131,16 @@ class Batcher:
     def pending(self) -> int:
         return len(self._pending)
 
-    def submit(self, jobs: list[Job]) -> None:
+    def submit(self, jobs: list[Job | ScoreJob]) -> None:
         """Queue a request's jobs together (they can land in one batch); 503 when closing or full."""
         with self._cv:
             if self._closed:
                 raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
             if len(self._pending) + len(jobs) > self.max_queue:
                 raise ApiError(503, "the server is overloaded; retry later", type="server_error", code="overloaded")
+            now = time.monotonic()
+            for job in jobs:
+                job.queued_at = now
             self._pending.extend(jobs)
             self._cv.notify()
 
@@ -149,16 +177,20 @@ class Batcher:
             self._pending = collections.deque(j for j in live if id(j) not in taken)
             return batch
 
-    def _compatible(self, live: list[Job]) -> list[Job]:
+    def _compatible(self, live: list) -> list:
         """The oldest job and, in arrival order, others with its key that still fit the context together."""
         block = self.model.cfg.model.block_size
         batch = [live[0]]
+        if isinstance(live[0], ScoreJob):  # each score row fits on its own; padding is on the right
+            return [j for j in live if isinstance(j, ScoreJob)][:self.max_batch]
         longest, wanted = len(live[0].prompt_ids), live[0].max_new_tokens
         for job in live[1:]:
             if len(batch) == self.max_batch:
                 break
+            if job.key != batch[0].key:
+                continue
             fits = max(longest, len(job.prompt_ids)) + max(wanted, job.max_new_tokens) <= block
-            if job.key == batch[0].key and fits:
+            if fits:
                 batch.append(job)
                 longest, wanted = max(longest, len(job.prompt_ids)), max(wanted, job.max_new_tokens)
         return batch
@@ -167,13 +199,32 @@ class Batcher:
         while (batch := self._next_batch()) is not None:
             if not batch:
                 continue
+            scoring = isinstance(batch[0], ScoreJob)
+            now = time.monotonic()
+            self.metrics.batch("score" if scoring else "generate", len(batch),
+                               sum(len(j.ids if scoring else j.prompt_ids) for j in batch),
+                               [now - j.queued_at for j in batch])
+            self.running = len(batch)
             try:
-                self._run(batch)
+                self._score(batch) if scoring else self._run(batch)
             except Exception as e:  # a failed batch fails its requests, not the server
                 log.exception("batch of %d failed", len(batch))
                 for job in batch:
                     if not job.finished:
-                        job.fail(500, f"generation failed: {type(e).__name__}: {e}")
+                        job.fail(500, f"{'scoring' if scoring else 'generation'} failed: {type(e).__name__}: {e}")
+            finally:
+                self.running = 0
+                self.metrics.generated(sum(len(j.ids) for j in batch if not scoring))
+
+    def _score(self, jobs: list[ScoreJob]) -> None:
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(jobs)
+        results = token_logprobs(self.model.params, self.model.cfg.model, [j.ids for j in jobs],
+                                 n_vocab=self.model.tokenizer.vocab_size, top_n=max(j.top_n for j in jobs),
+                                 batch_size=self.max_batch)
+        for job, result in zip(jobs, results):
+            job.finished = True
+            job.emit(("scored", result))
 
     def _run(self, jobs: list[Job]) -> None:
         cfg, tok = self.model.cfg.model, self.model.tokenizer

@@ -3,7 +3,8 @@
 Requests are checked by hand against a small field table, so every error names its field and comes back
 in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Unknown fields are rejected (a typo
 silently ignored is worse than a 400). Extensions beyond OpenAI's fields, as vLLM spells them: `top_k`,
-`repetition_penalty`.
+`repetition_penalty`. A completions `prompt` is a string, a list of strings, a list of token ids or a
+list of such lists; `echo` with `max_tokens: 0` and `logprobs` scores a text without generating.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxgpt.chat import render_system, render_user
+from jaxgpt.scoring import MAX_TOP
 
 
 class ApiError(Exception):
@@ -43,7 +45,7 @@ class Request:
     """A validated request: what the batcher needs, independent of the endpoint."""
 
     chat: bool
-    prompts: list[Any]  # completions: strings; chat: one list of messages
+    prompts: list[Any]  # completions: strings or lists of token ids; chat: one list of messages
     max_tokens: int | None
     temperature: float
     top_p: float
@@ -55,6 +57,8 @@ class Request:
     stop: list[str]
     seed: int | None
     model: str | None
+    echo: bool = False  # completions: the prompt is returned (and scored) before the completion
+    logprobs: int | None = None  # alternatives per position; None: no logprobs at all
 
 
 def _is_int(v) -> bool:
@@ -99,8 +103,14 @@ def parse(body: Any, chat: bool, limits: Limits) -> Request:
         prompts = _prompts(g("prompt", None))
     max_key = "max_completion_tokens" if chat and g("max_completion_tokens") is not None else "max_tokens"
     max_tokens = g(max_key)
+    echo = False if chat or g("echo") is None else g("echo")
+    _expect(isinstance(echo, bool), "echo", "a boolean", echo)
     if max_tokens is not None:
-        _expect(_is_int(max_tokens) and max_tokens >= 1, max_key, "a positive integer", max_tokens)
+        if echo:  # echo with max_tokens 0 scores the prompt without generating
+            _expect(_is_int(max_tokens) and max_tokens >= 0, max_key, "an integer >= 0", max_tokens)
+        else:
+            _expect(_is_int(max_tokens) and max_tokens >= 1, max_key, "a positive integer (0 only with echo)",
+                    max_tokens)
         if max_tokens > limits.max_new_tokens:
             raise ApiError(400, f"'{max_key}' is {max_tokens}; this server generates at most "
                                 f"{limits.max_new_tokens} tokens per request", param=max_key)
@@ -113,8 +123,8 @@ def parse(body: Any, chat: bool, limits: Limits) -> Request:
     _expect(_is_num(rep) and 0 < rep <= 10, "repetition_penalty", "a number in (0, 10]", rep)
     for name in ("presence_penalty", "frequency_penalty"):  # accepted only at their no-op value
         _expect(g(name) in (None, 0, 0.0), name, "0 (not supported by this server)", g(name))
-    for name in ("logprobs", "top_logprobs", "echo", "suffix"):
-        _expect(g(name) in (None, False), name, "null or false (not supported by this server)", g(name))
+    _expect(g("suffix") is None, "suffix", "null (not supported by this server)", g("suffix"))
+    logprobs = _chat_logprobs(g) if chat else _completion_logprobs(g)
     _expect(g("best_of") in (None, 1), "best_of", "1 (not supported by this server)", g("best_of"))
     n = 1 if g("n") is None else g("n")
     _expect(_is_int(n) and 1 <= n <= limits.max_n, "n", f"an integer in [1, {limits.max_n}]", n)
@@ -127,6 +137,8 @@ def parse(body: Any, chat: bool, limits: Limits) -> Request:
                              and isinstance(opts.get("include_usage", False), bool)),
             "stream_options", 'null or {"include_usage": bool}', opts)
     _expect(opts is None or stream, "stream_options", "set only with stream=true", opts)
+    for name, on in (("logprobs", logprobs is not None), ("echo", echo)):
+        _expect(not (stream and on), name, "unset when stream is true (not supported by this server)", g(name))
     stop = g("stop")
     stop = [stop] if isinstance(stop, str) else stop
     _expect(stop is None or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)),
@@ -135,14 +147,56 @@ def parse(body: Any, chat: bool, limits: Limits) -> Request:
     _expect(seed is None or (_is_int(seed) and 0 <= seed < 2**31), "seed", "an integer in [0, 2**31)", seed)
     _expect(g("user") is None or isinstance(g("user"), str), "user", "a string", g("user"))
     return Request(chat, prompts, max_tokens, float(temperature), float(top_p), int(top_k), float(rep), n, stream,
-                   bool((opts or {}).get("include_usage", False)), stop or [], seed, model)
+                   bool((opts or {}).get("include_usage", False)), stop or [], seed, model, echo, logprobs)
 
 
-def _prompts(prompt) -> list[str]:
+def parse_tokenize(body: Any) -> str:
+    """vLLM's POST /tokenize body: {"prompt": text, "add_special_tokens": bool, "model": name}."""
+    _expect(isinstance(body, dict) and set(body) <= {"prompt", "add_special_tokens", "model"}, "body",
+            'an object with "prompt" (and optional "add_special_tokens", "model")', body)
+    _expect(isinstance(body.get("prompt"), str), "prompt", "a string", body.get("prompt"))
+    return body["prompt"]
+
+
+def parse_detokenize(body: Any, n_vocab: int) -> list[int]:
+    """vLLM's POST /detokenize body: {"tokens": [ids], "model": name}."""
+    _expect(isinstance(body, dict) and set(body) <= {"tokens", "model"}, "body",
+            'an object with "tokens" (and optional "model")', body)
+    tokens = body.get("tokens")
+    _expect(isinstance(tokens, list) and all(_is_int(t) and 0 <= t < n_vocab for t in tokens), "tokens",
+            f"a list of token ids in [0, {n_vocab})", tokens)
+    return tokens
+
+
+def _completion_logprobs(g) -> int | None:
+    n = g("logprobs")
+    _expect(n is None or (_is_int(n) and 0 <= n <= MAX_TOP), "logprobs", f"null or an integer in [0, {MAX_TOP}]", n)
+    return n
+
+
+def _chat_logprobs(g) -> int | None:
+    on, top = g("logprobs"), g("top_logprobs")
+    _expect(on is None or isinstance(on, bool), "logprobs", "a boolean", on)
+    _expect(top is None or (_is_int(top) and 0 <= top <= MAX_TOP), "top_logprobs",
+            f"null or an integer in [0, {MAX_TOP}]", top)
+    _expect(top is None or on, "top_logprobs", "set only with logprobs=true", top)
+    return (top or 0) if on else None
+
+
+def _is_ids(p) -> bool:
+    return isinstance(p, list) and len(p) > 0 and all(_is_int(t) and t >= 0 for t in p)
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
+    what = "a string, a non-empty list of strings, a list of token ids (integers >= 0) or a list of such lists"
     if isinstance(prompt, str):
         return [prompt]
-    _expect(isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt), "prompt",
-            "a string or a non-empty list of strings", prompt)
+    _expect(isinstance(prompt, list) and len(prompt) > 0, "prompt", what, prompt)
+    if all(_is_int(t) for t in prompt):
+        _expect(_is_ids(prompt), "prompt", what, prompt)
+        return [prompt]
+    _expect(all(isinstance(p, str) for p in prompt) or all(_is_ids(p) for p in prompt), "prompt", what, prompt)
     return prompt
 
 
@@ -195,12 +249,13 @@ def envelope(req: Request, rid: str, model: str, created: int | None = None) -> 
     return {"id": rid, "object": obj, "created": created or int(time.time()), "model": model}
 
 
-def choice(req: Request, index: int, text: str | None, finish_reason: str | None, first: bool = False):
-    """One choice: full (non-streaming) or a delta (streaming)."""
+def choice(req: Request, index: int, text: str | None, finish_reason: str | None, first: bool = False,
+           logprobs: dict[str, Any] | None = None):
+    """One choice: full (non-streaming) or a delta (streaming); `logprobs` from jaxgpt.serve.logprobs."""
     if not req.chat:
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     if not req.stream:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
     delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
