@@ -77,6 +77,17 @@ def test_completion_greedy_equals_library(client, model):
     assert r.usage.prompt_tokens == len(PROMPTS[0]) and 0 < r.usage.completion_tokens <= 16
 
 
+def test_generation_past_the_context_slides_as_the_library_does(client, model):
+    kw = dict(max_tokens=300, temperature=0.8, seed=5)  # 300 new tokens on a 128-token model
+    r = client.completions.create(model="tiny", prompt=PROMPTS[1], **kw)
+    want = model.generate([PROMPTS[1]], max_new_tokens=300, temperature=0.8, seed=[5])[0]  # the server's row key
+    assert r.choices[0].text == want and len(want) > 128  # char tokenizer: one token a character
+    streamed = client.completions.create(model="tiny", prompt=PROMPTS[1], stream=True, **kw)
+    assert "".join(c.choices[0].text for c in streamed) == want
+    with pytest.raises(openai.BadRequestError, match="with logprobs"):  # scoring needs one window
+        client.completions.create(model="tiny", prompt=PROMPTS[1], logprobs=1, **kw)
+
+
 def test_streaming_completion_equals_non_streaming(client):
     full = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0.8, seed=7)
     stream = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0.8, seed=7,

@@ -55,7 +55,8 @@ def create_app(model, name: str = "jaxgpt", max_batch: int = 8, max_wait_ms: flo
                limits: Limits | None = None) -> Starlette:
     """The ASGI app serving `model` (a LanguageModel); max_batch=1 serves one request at a time."""
     block = model.cfg.model.block_size
-    limits = limits or Limits(max_prompt_tokens=block - 1, max_new_tokens=block - 1)
+    # Generation slides past the context (jaxgpt.generate), so max_tokens may exceed it.
+    limits = limits or Limits(max_prompt_tokens=block - 1, max_new_tokens=max(4096, block))
     serving = Serving(model, name, limits, Batcher(model, max_batch, max_wait_ms, chunk), int(time.time()))
 
     @contextlib.asynccontextmanager
@@ -186,10 +187,11 @@ def _jobs(serving: Serving, req: protocol.Request, prompts: list[list[int]], emi
         room = block - len(ids)
         # OpenAI's defaults: 16 tokens for completions, the rest of the context for chat.
         max_tokens = req.max_tokens or (16 if not req.chat else min(room, limits.max_new_tokens))
-        if len(ids) + max_tokens > block:
+        # Past the context the window slides, except where logprobs must score the whole text in one window.
+        if len(ids) + max_tokens > block and req.logprobs is not None:
             raise ApiError(400, f"this model's context is {block} tokens; the prompt is {len(ids)} and max_tokens "
-                                f"{max_tokens}: lower max_tokens to {room} or less", param="max_tokens",
-                           code="context_length_exceeded")
+                                f"{max_tokens}: with logprobs, lower max_tokens to {room} or less",
+                           param="max_tokens", code="context_length_exceeded")
         for k in range(req.n):
             index = i * req.n + k
             jobs.append(Job(ids, max_tokens, sampling, (seed + index) % 2**31, req.stop,

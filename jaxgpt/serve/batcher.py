@@ -184,6 +184,8 @@ class Batcher:
         if isinstance(live[0], ScoreJob):  # each score row fits on its own; padding is on the right
             return [j for j in live if isinstance(j, ScoreJob)][:self.max_batch]
         longest, wanted = len(live[0].prompt_ids), live[0].max_new_tokens
+        if longest + wanted > block:  # generation past the context slides its window: it runs alone
+            return batch
         for job in live[1:]:
             if len(batch) == self.max_batch:
                 break
@@ -234,7 +236,8 @@ class Batcher:
         seeds = [j.seed for j in jobs] + [0] * (rows - B)
         longest = max(len(p) for p in prompts)
         wanted = max(j.max_new_tokens for j in jobs)
-        n = min(prompt_bucket(wanted), cfg.block_size - longest)  # >= 16, a power of two: few compiles
+        sliding = longest + wanted > cfg.block_size  # a batch of one (see _compatible): n is exactly what it asked
+        n = wanted if sliding else min(prompt_bucket(wanted), cfg.block_size - longest)  # >= 16, a power of two
         self.stats["batches"] += 1
         self.stats["rows"] += B
         self.stats["largest_batch"] = max(self.stats["largest_batch"], B)
