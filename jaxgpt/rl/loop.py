@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
-from jaxgpt import rundir, sharding
+from jaxgpt import conversation, rundir, sharding
 from jaxgpt.config import Config
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import left_pad, prompt_bucket
@@ -57,14 +57,13 @@ class _Run:
     """What both loops share: config, tokenizer, mesh, train state, frozen reference, checkpoints."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, updates_per_step: int):
-        import jaxgpt
+        from jaxgpt.api import load
 
         check(cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        init = jaxgpt.load(cfg.rl.init_from)
-        if not isinstance(init, jaxgpt.LanguageModel):
-            raise JaxgptError(f"--init-from '{cfg.rl.init_from}' is a {type(init).__name__}, not a language model")
+        init = load(cfg.rl.init_from)  # a classifier run dir is refused there, in one line
+        conversation.inherit(cfg.rl.init_from, self.run_dir)  # a chat model stays chattable in its format
         cfg = rundir.resolve_config(self.run_dir, cfg)
         self.cfg, self.tok = cfg, init.tokenizer
         self.n_vocab = self.tok.vocab_size
