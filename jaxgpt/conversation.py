@@ -67,6 +67,15 @@ def validate_messages(messages, where: str) -> None:
         raise JaxgptError(f"{where}: no assistant turn, so nothing to learn from")
 
 
+def check_prompt(messages, where: str) -> None:
+    """A dialogue to reply to (RL/DPO prompts): {role, content} messages ending with the user's."""
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages)
+    if not (ok and messages[-1]["role"] == "user"):
+        raise JaxgptError(f"{where}: a dialogue prompt must be a list of {{role, content}} messages "
+                          f"(roles {', '.join(ROLES)}) ending with the user's")
+
+
 # ---- token ids -----------------------------------------------------------------------------------
 
 def header_ids(template: Template, role: str, tok) -> list[int]:

@@ -89,3 +89,17 @@ def test_bad_dialogues_name_the_problem():
         conv.validate_messages([{"role": "user", "content": "hi"}], "f line 1")
     with pytest.raises(JaxgptError, match="role 'bot'"):
         conv.validate_messages([{"role": "bot", "content": "hi"}], "f line 1")
+
+
+def test_dpo_and_rl_dialogue_prompts_use_the_template(tmp_path, tok):
+    from jaxgpt.rl import dpo, prompts
+
+    dialogue = RECORDS[2][:3]
+    ids, start = dpo.encode_row(tok, dialogue, "the reply", 512, T)
+    assert ids[:start] == conv.prompt_ids(T, dialogue, tok) and ids[start:] == conv.reply_ids(T, "the reply", tok)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": dialogue}) + "\n" + json.dumps({"prompt": "plain text"}) + "\n")
+    assert prompts._read_file(path) == [dialogue, "plain text"]
+    path.write_text(json.dumps({"prompt": RECORDS[0]}) + "\n")  # ends with the assistant: nothing to answer
+    with pytest.raises(JaxgptError, match="line 1: a dialogue prompt .* ending with the user's"):
+        prompts._read_file(path)
