@@ -4,8 +4,8 @@
 training prompts come from the pretraining split's plays and held-out prompts from its validation plays,
 so neither the pretrained model nor the policy has seen the held-out ones. A file: `.jsonl` lines with
 a "prompt" field (text, or a dialogue: a list of {role, content} messages ending with the user's, which
-the policy answers in its chat template), or any other text file with one prompt per line (`\\n` in a line stands for a newline);
-its last `rl.eval_prompts` prompts are held out.
+the policy answers in its chat template), or any other text file with one prompt per line (`\\n` in a
+line stands for a newline); its last `rl.eval_prompts` prompts are held out.
 """
 
 from __future__ import annotations
