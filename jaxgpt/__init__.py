@@ -7,7 +7,8 @@ __version__ = "0.1.0"
 
 # Training lives in the `jaxgpt.train` subpackage: `from jaxgpt.train import train`.
 _LAZY = {"load": "jaxgpt.api", "LanguageModel": "jaxgpt.api", "Config": "jaxgpt.config", "GPT": "jaxgpt.model", "JaxgptError": "jaxgpt.errors",
-         "from_pretrained": "jaxgpt.convert.hf", "load_exported": "jaxgpt.exported"}
+         "from_pretrained": "jaxgpt.convert.hf", "load_exported": "jaxgpt.exported",
+         "load_classifier": "jaxgpt.finetune.infer", "Classifier": "jaxgpt.finetune.infer"}
 
 
 def __getattr__(name):

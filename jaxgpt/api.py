@@ -1,4 +1,7 @@
-"""The Python API: `jaxgpt.load(run_dir)` -> a model that generates text."""
+"""The Python API: `jaxgpt.load(run_dir)` -> a LanguageModel that generates text and chats.
+
+Classifier run dirs load through `jaxgpt.load_classifier` (jaxgpt.finetune.infer); `load` refuses them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import jax
 import numpy as np
 
 from jaxgpt import config as config_lib
-from jaxgpt import rundir
+from jaxgpt import conversation, rundir
 from jaxgpt.config import Config
 from jaxgpt.data import tokenizers
 from jaxgpt.chat import ChatSession
@@ -18,14 +21,16 @@ from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import SamplingParams, generate_ids, stream_ids
 from jaxgpt.perplexity import PerplexityResult, perplexity
 from jaxgpt.scoring import Score, score_ids
-from jaxgpt.model import GPT, init_params, param_count, unstack_layers
+from jaxgpt.model import GPT, init_params, merge_lora, param_count, unstack_layers
 
 
 class LanguageModel:
-    """A trained GPT with its tokenizer. Params are a plain pytree; nothing here holds hidden state."""
+    """A trained GPT with its tokenizer and chat template. Params are a plain pytree; no hidden state."""
 
-    def __init__(self, cfg: Config, params, tokenizer: tokenizers.Tokenizer, step: int | None = None):
+    def __init__(self, cfg: Config, params, tokenizer: tokenizers.Tokenizer, step: int | None = None,
+                 template: conversation.Template = conversation.DEFAULT):
         self.cfg, self.params, self.tokenizer, self.step = cfg, params, tokenizer, step
+        self.template = template  # the dialogue format it was fine-tuned in (jaxgpt.conversation)
 
     @property
     def n_params(self) -> int:
@@ -113,11 +118,12 @@ class LanguageModel:
         """A copy with int8 matmul weights (per-output-channel scales), dequantized under jit (jaxgpt.quantize)."""
         from jaxgpt.quantize import quantize_params
 
-        return LanguageModel(self.cfg, quantize_params(self.params, mode, embeddings), self.tokenizer, self.step)
+        return LanguageModel(self.cfg, quantize_params(self.params, mode, embeddings), self.tokenizer, self.step,
+                             self.template)
 
     def chat_session(self, system: str | None = None) -> ChatSession:
         """A multi-turn conversation that reuses its KV cache: `.send(user_text, **sampling) -> reply`."""
-        return ChatSession(self.params, self.cfg.model, self.tokenizer, system=system)
+        return ChatSession(self.params, self.cfg.model, self.tokenizer, system=system, template=self.template)
 
     def perplexity(self, text: str, stride: int | None = None, window: int | None = None) -> PerplexityResult:
         """Sliding-window perplexity of `text` (see jaxgpt.perplexity)."""
@@ -166,28 +172,31 @@ def _cut_at_stop(text: str, stop: str | list[str] | None) -> str:
 
 
 def load(run_dir: str | Path, checkpoint: str = "best", quantize: str | None = None) -> LanguageModel:
-    """Load a run dir for inference; `checkpoint` is 'best' (lowest val loss), 'latest' or a step.
+    """Load a language-model run dir (pretrained, SFT, RL, DPO) for inference; `checkpoint` is 'best'
+    (lowest val loss), 'latest' or a step. A classifier run dir is an error: use `load_classifier`.
 
     `quantize="int8"` stores the matmul weights as int8 (`LanguageModel.quantized`).
     """
-    model = _load(run_dir, checkpoint)
-    if not quantize:
-        return model
-    if not isinstance(model, LanguageModel):
-        raise JaxgptError(f"quantize applies to language models, not a {type(model).__name__}")
-    return model.quantized(quantize)
+    model = _load(Path(run_dir), checkpoint)
+    return model.quantized(quantize) if quantize else model
 
 
-def _load(run_dir: str | Path, checkpoint: str):
+def _load(run_dir: Path, checkpoint: str) -> LanguageModel:
+    cfg = rundir.resolve_config(run_dir, None)
+    rundir.check_kind(run_dir, cfg, rundir.LANGUAGE_MODEL)
+    tok = tokenizers.load(run_dir / "tokenizer")
+    template = conversation.for_run(run_dir)
+    if cfg.finetune.task:  # an SFT fine-tune: its {"gpt"} params, any LoRA adapters merged for serving
+        from jaxgpt.finetune.infer import load_params
+
+        cfg, params, meta = load_params(run_dir, checkpoint)
+        gpt = params["gpt"]
+        if cfg.model.lora_rank:
+            gpt = merge_lora(gpt, cfg.model)
+            cfg = config_lib.replace(cfg, **{"model.lora_rank": 0})
+        return LanguageModel(cfg, gpt, tok, meta["step"], template)
     from jaxgpt.train.checkpoint import restore_params
 
-    run_dir = Path(run_dir)
-    cfg = rundir.resolve_config(run_dir, None)
-    if cfg.finetune.task:  # a fine-tune: a Classifier, or a LanguageModel with LoRA merged
-        from jaxgpt.finetune.infer import load_finetuned
-
-        return load_finetuned(run_dir, checkpoint)
-    tok = tokenizers.load(run_dir / "tokenizer")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
@@ -195,7 +204,7 @@ def _load(run_dir: str | Path, checkpoint: str):
     if cfg.model.scan_layers:  # decoding runs unrolled layers
         params = unstack_layers(params, cfg.model.n_layer)
         cfg = config_lib.replace(cfg, **{"model.scan_layers": False})
-    return LanguageModel(cfg, params, tok, step)
+    return LanguageModel(cfg, params, tok, step, template)
 
 
 __all__ = ["LanguageModel", "load", "Config", "config_lib"]

@@ -1,17 +1,17 @@
 """Multi-turn chat over one KV cache: each turn prefills only its own tokens on top of the conversation.
 
-Template, rendered as plain text and tokenized piece by piece (so a conversation's ids are the
-concatenation of its turns' ids, whether built turn by turn or all at once):
+The conversation is rendered in the run's `jaxgpt.conversation` template (the one SFT trained on): every
+message is tokenized as one string and closed by end-of-text, so a new turn always starts at a token
+boundary. After a reply, the cache holds the ids the model generated; the conversation's own ids come
+from re-tokenizing the reply's text. Before a turn the session compares the two and prefills from the
+first position where they differ (normally the new user message: a reply the model wrote in canonical
+ids, closed by end-of-text, costs nothing; a reply cut by max_new_tokens only adds its end-of-text).
+So the cache always holds exactly the ids of tokenizing the whole conversation at once.
 
-    <|system|>\\n{system}\\n                      (only when a system prompt is given)
-    <|user|>\\n{user text}\\n<|assistant|>\\n{reply}<end-of-text>      (one per turn)
-
-The end-of-text token ends every assistant turn (appended if a reply stopped at max_new_tokens).
-
-Context policy: before a turn, the conversation + the new user turn + max_new_tokens must fit in
-block_size. If it does not, the oldest (user, assistant) turns are dropped, the system prompt is kept,
-and the remaining conversation is prefilled again from slot 0 (one full prefill; later turns reuse the
-cache again). A single user turn that does not fit even alone with the system prompt is an error.
+Context policy: before a turn, the conversation + the new user message + the reply header +
+max_new_tokens must fit in block_size. If it does not, the oldest (user, assistant) turns are dropped,
+the system prompt is kept, and the conversation is prefilled again from the first changed position. A
+single user message that does not fit even alone with the system prompt is an error.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import functools
 import jax
 import numpy as np
 
+from jaxgpt import conversation
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
-from jaxgpt.generate import (DecodeState, SamplingParams, _cut, _forward, check_sampling, continuer, presence,
+from jaxgpt.generate import (DecodeState, SamplingParams, _forward, check_sampling, continuer, presence,
                              prompt_bucket, row_keys, stop_array, traced_sampling)
 from jaxgpt.model import init_cache
 
@@ -31,14 +32,6 @@ from jaxgpt.model import init_cache
 def default_reply_tokens(block_size: int) -> int:
     """Reply length when none is asked for: 128 tokens, or half the context on smaller models."""
     return min(128, block_size // 2)
-
-
-def render_system(text: str) -> str:
-    return f"<|system|>\n{text}\n"
-
-
-def render_user(text: str) -> str:
-    return f"<|user|>\n{text}\n<|assistant|>\n"
 
 
 @functools.lru_cache(maxsize=16)
@@ -56,23 +49,26 @@ def _chunk_prefiller(cfg: ModelConfig):
 class ChatSession:
     """A conversation with a model; `send` returns the reply text. See the module docstring for the policy."""
 
-    def __init__(self, params, cfg: ModelConfig, tokenizer, system: str | None = None, reuse_cache: bool = True):
-        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+    def __init__(self, params, cfg: ModelConfig, tokenizer, system: str | None = None, reuse_cache: bool = True,
+                 template: conversation.Template = conversation.DEFAULT):
+        self.params, self.cfg, self.tokenizer, self.template = params, cfg, tokenizer, template
         self.eos_id = tokenizer.eos_id
-        self.system_ids = tokenizer.encode(render_system(system)) if system else []
-        self.turns: list[tuple[list[int], list[int]]] = []  # (user turn ids, reply ids incl. end-of-text)
+        self.system_ids = conversation.message_ids(template, "system", system, tokenizer)[0] if system else []
+        self.reply_header_ids = conversation.header_ids(template, "assistant", tokenizer)
+        self.turns: list[tuple[list[int], list[int]]] = []  # (user message ids, assistant message ids), canonical
         self.history: list[tuple[str, str]] = []  # (user text, reply text)
         self.reuse_cache = reuse_cache  # False re-prefills the whole conversation every turn (a baseline)
         self.cached: list[int] = []  # the token ids whose keys/values are in the cache, slot by slot
         self.cache = None
         self.n_dropped = 0  # turns dropped so far to stay inside block_size
+        self.last_prefill = 0  # tokens the last turn ran through the prefill
         if len(self.system_ids) >= cfg.block_size:
             raise JaxgptError(f"system prompt ({len(self.system_ids)} tokens) does not fit the model's context "
                               f"of {cfg.block_size} tokens; shorten it (--system / system=)")
 
     @property
     def tokens(self) -> list[int]:
-        """The whole conversation's ids, as the template renders it."""
+        """The whole conversation's ids: equal to `conversation.conversation_ids` of its messages."""
         return self.system_ids + [t for user, reply in self.turns for t in user + reply]
 
     def send(self, user_text: str, max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int = 0,
@@ -84,37 +80,36 @@ class ChatSession:
         """
         sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, min_new_tokens)
         check_sampling(sampling)
-        user_ids = self.tokenizer.encode(render_user(user_text))
+        user_ids = conversation.message_ids(self.template, "user", user_text, self.tokenizer)[0]
+        new_ids = user_ids + self.reply_header_ids
         S = self.cfg.block_size
         if max_new_tokens is None:  # the default also shrinks to the room this message leaves
-            max_new_tokens = max(1, min(default_reply_tokens(S), S - len(self.system_ids) - len(user_ids)))
+            max_new_tokens = max(1, min(default_reply_tokens(S), S - len(self.system_ids) - len(new_ids)))
         if max_new_tokens <= 0:
             raise JaxgptError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        if len(self.system_ids) + len(user_ids) + max_new_tokens > S:
+        if len(self.system_ids) + len(new_ids) + max_new_tokens > S:
             raise JaxgptError(f"this message ({len(user_ids)} tokens) + max_new_tokens ({max_new_tokens}) does not "
                               f"fit the model's context of {S} tokens with the system prompt; lower max_new_tokens "
                               "(--max-new-tokens) or shorten the message or the system prompt")
-        self._close_last_reply()
-        while len(self.tokens) + len(user_ids) + max_new_tokens > S:  # policy: drop the oldest turn
+        while len(self.tokens) + len(new_ids) + max_new_tokens > S:  # policy: drop the oldest turn
             self.turns.pop(0)
             self.history.pop(0)
             self.n_dropped += 1
-            self.cached = []
-        conversation = self.tokens
-        # Reuse the cache while it holds a prefix of the conversation; else (first turn, dropped turns) start over.
-        if not self.reuse_cache or self.cached != conversation[:len(self.cached)] or self.cache is None:
+        prompt = self.tokens + new_ids
+        if not self.reuse_cache or self.cache is None:
             self.cache, self.cached = init_cache(self.cfg, 1, S), []
-        logits_1xV = self._prefill((conversation + user_ids)[len(self.cached):])
-        reply_ids = self._decode(logits_1xV, max_new_tokens, sampling, no_repeat_ngram_size, seed)
-        self.turns.append((user_ids, reply_ids))
-        reply = self.tokenizer.decode(_cut(reply_ids, self.eos_id))
+        # Keep the cached prefix that equals the conversation's ids; prefill from the first difference.
+        keep = next((i for i, (a, b) in enumerate(zip(self.cached, prompt)) if a != b), len(self.cached))
+        keep = min(keep, len(prompt) - 1)  # the last prompt token is always run: its logits start the reply
+        self.cached = self.cached[:keep]
+        self.last_prefill = len(prompt) - keep
+        logits_1xV = self._prefill(prompt[keep:])
+        generated = self._decode(logits_1xV, max_new_tokens, sampling, no_repeat_ngram_size, seed)
+        reply = conversation.reply_text(self.template, generated, self.tokenizer)
+        reply_message = conversation.message_ids(self.template, "assistant", reply, self.tokenizer)[0]
+        self.turns.append((user_ids, reply_message))
         self.history.append((user_text, reply))
         return reply
-
-    def _close_last_reply(self) -> None:
-        # A reply cut by max_new_tokens still ends its turn with end-of-text (fed with the next prefill).
-        if self.turns and (not self.turns[-1][1] or self.turns[-1][1][-1] != self.eos_id):
-            self.turns[-1] = (self.turns[-1][0], self.turns[-1][1] + [self.eos_id])
 
     def _prefill(self, new_ids: list[int]):
         n_vocab = np.int32(self.tokenizer.vocab_size)

@@ -160,9 +160,9 @@ def _train(args) -> None:
 
 
 def _generate(args) -> None:
-    import jaxgpt
+    from jaxgpt.api import load
 
-    model = jaxgpt.load(args.run_dir, args.checkpoint)
+    model = load(args.run_dir, args.checkpoint)
     prompts = [args.prompt] * args.num_samples
     controls = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
@@ -201,9 +201,9 @@ def _evaluate(args) -> None:
 
 
 def _chat(args) -> None:
-    import jaxgpt
+    from jaxgpt.api import load
 
-    model = jaxgpt.load(args.run_dir, args.checkpoint)
+    model = load(args.run_dir, args.checkpoint)
     session = model.chat_session(system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -228,7 +228,7 @@ def _chat(args) -> None:
 
 
 def _perplexity(args) -> None:
-    import jaxgpt
+    from jaxgpt.api import load
     from jaxgpt.errors import JaxgptError
 
     try:
@@ -236,7 +236,7 @@ def _perplexity(args) -> None:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise JaxgptError(f"cannot read {args.file} as UTF-8 text: {e}") from None
-    model = jaxgpt.load(args.run_dir, args.checkpoint)
+    model = load(args.run_dir, args.checkpoint)
     r = model.perplexity(text, stride=args.stride, window=args.window)
     w = r.windows[0]
     print(f"perplexity {r.perplexity:.4f} (nll {r.nll:.4f} nats/token over {r.n_scored} tokens; "
@@ -257,11 +257,11 @@ def _serve(args) -> None:
 
 
 def _export(args) -> None:
-    import jaxgpt
+    from jaxgpt.api import load
     from jaxgpt.export import export_model
 
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
-    out = export_model(jaxgpt.load(args.run_dir, args.checkpoint), args.out, batch_sizes=ints(args.batch_sizes),
+    out = export_model(load(args.run_dir, args.checkpoint), args.out, batch_sizes=ints(args.batch_sizes),
                        prompt_buckets=ints(args.prompt_buckets or ""), max_new_tokens=args.max_new_tokens,
                        quantize=args.quantize)
     print(f"exported {args.run_dir} -> {out}; load with jaxgpt.load_exported('{out}')")

@@ -11,6 +11,14 @@ from jaxgpt.config import Config
 from jaxgpt.data import corpus, tokenizers
 from jaxgpt.errors import JaxgptError
 
+LANGUAGE_MODEL, CLASSIFIER = "language model", "classifier"
+# What takes each kind of run dir, named when a run dir of the wrong kind is given.
+_TAKEN_BY = {
+    LANGUAGE_MODEL: "generate, chat, perplexity, export, convert, serve, and finetune/rl/dpo --init-from "
+                    "(Python: jaxgpt.load)",
+    CLASSIFIER: "evaluate, and rl.reward=classifier:RUN_DIR (Python: jaxgpt.load_classifier)",
+}
+
 # Keys that may change when a run is resumed; everything else must match what it was trained with.
 RESUMABLE_SECTIONS = ("train", "mesh")
 
@@ -44,6 +52,18 @@ def resolve_config(run_dir: Path, new: Config | None) -> Config:
 
 # Written beside a tokenizer jaxgpt fitted: the data settings it was fitted for.
 FITTED_FOR = "fitted_for.json"
+
+
+def kind(cfg: Config) -> str:
+    """A run dir's kind: a classifier fine-tune, or a language model (pretrained, SFT, RL, DPO)."""
+    return CLASSIFIER if cfg.finetune.task == "classify" else LANGUAGE_MODEL
+
+
+def check_kind(run_dir: Path, cfg: Config, wanted: str) -> None:
+    """One line naming what the run dir is and what takes it, when it is not a `wanted` run dir."""
+    got = kind(cfg)
+    if got != wanted:
+        raise JaxgptError(f"'{run_dir}' is a {got} run dir, not a {wanted}; it is taken by {_TAKEN_BY[got]}")
 
 
 def tokenizer_for(cfg: Config, run_dir: Path) -> tokenizers.Tokenizer:
@@ -88,8 +108,12 @@ def pretrained_base(init_from: str, flat: dict, model_keys: tuple[str, ...], who
     saved = config_path(Path(init_from))
     if not saved.is_file():
         raise JaxgptError(f"--init-from '{init_from}' is not a jaxgpt run dir (no config.json)")
+    base = config_lib.read_json_flat(saved)
+    if base.get("finetune.task") == "classify":
+        raise JaxgptError(f"--init-from '{init_from}' is a {CLASSIFIER} run dir, not a {LANGUAGE_MODEL}; it is "
+                          f"taken by {_TAKEN_BY[CLASSIFIER]}")
     for key in flat:
         if key.startswith("model.") and key.split(".", 1)[1] not in model_keys:
             raise JaxgptError(f"'{key}' comes from the pretrained run; this run may set model."
                               f"{{{', '.join(model_keys)}}}")
-    return {k: v for k, v in config_lib.read_json_flat(saved).items() if k.split(".")[0] in ("model", "data", "seed")}
+    return {k: v for k, v in base.items() if k.split(".")[0] in ("model", "data", "seed")}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every command in README.md's bash blocks, as written, in order, on a fresh clone of this repository,
+# Run every command in README.md's bash blocks (other tools' commands sit in text blocks), as written, in order, on a fresh clone of this repository,
 # and report pass/fail per command. The only changes are the ones the README names: `train.steps=20` is
 # appended to `jaxgpt finetune|rl|dpo`, and `jaxgpt active` runs `--rounds 2`. `jaxgpt serve` is started
 # in the background (and stopped after the commands that follow it); `jaxgpt chat` gets "Hello" on stdin.
@@ -20,7 +20,9 @@ mapfile -t commands < <(python3 - <<'PY'
 import re
 text = open("README.md").read()
 for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-    for line in block.splitlines():
+    for line in block.replace("\\\n", " ").splitlines():  # continued lines are one command
+        if line.lstrip().startswith("#"):
+            continue
         for part in line.split("&&"):
             if part.strip():
                 print(part.strip())

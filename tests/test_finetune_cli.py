@@ -52,7 +52,7 @@ def test_cli_finetune_then_evaluate_then_classify(tmp_path, pretrained):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_macro_f1" in r] == [4, 8, 12]
 
-    model = jaxgpt.load(run)
+    model = jaxgpt.load_classifier(run)
     labels, probs = model.classify(["it was good and nice", "it was bad and sad", "it was"])
     assert len(labels) == 3 and set(labels) <= {"neg", "pos"} and probs.shape == (3, 2)
     assert abs(probs.sum(1) - 1).max() < 1e-5

@@ -55,7 +55,8 @@ def test_merged_lora_equals_unmerged():
 
 
 def test_only_response_tokens_carry_sft_loss():
-    tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz#:ASU \n?!.")))
+    # Lower case, and the template's headers: SYSTEM:, USER:, ASSISTANT:
+    tok = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyzSYTEMURAIN: \n?!.")))
     ex = Example("x", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi?"},
                                 {"role": "assistant", "content": "ok."}, {"role": "user", "content": "and?"},
                                 {"role": "assistant", "content": "done"}])

@@ -34,7 +34,9 @@ def readme_commands() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines are one command
+            if line.lstrip().startswith("#"):
+                continue
             line = re.sub(r"\s#\s.*$", "", line)  # trailing comments
             line = re.sub(r"\[[^\]]*\]", "", line)  # optional flags shown as [--flag X]
             for part in line.split("&&"):
@@ -66,16 +68,16 @@ def test_readme_headline_generation_fits_the_demo_model():
 @pytest.fixture(scope="module")
 def small_lm():
     cfg = config.load(None, {"model.preset": "tiny", "model.vocab_size": 64, "model.block_size": 32})
-    tok = tokenizers.CharTokenizer(list("abcdefghijklmnopqrstuvwxyz ,.:\n<|>#"))  # chat markup too
+    tok = tokenizers.CharTokenizer(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.:\n"))
     params = jax.tree.map(lambda a: a * 5 if a.ndim > 1 else a, init_params(cfg.model, jax.random.key(0)))
     return LanguageModel(cfg, params, tok, 1)
 
 
 def test_defaults_adapt_to_a_small_context(small_lm, tmp_path):
-    text = small_lm.generate("the quick brown fox jumps", max_new_tokens=100, temperature=0.0)
-    assert len(text) == 100  # char tokenizer, no end-of-text in its vocabulary: every token is a character
-    streamed = "".join(small_lm.generate("the quick brown fox jumps", max_new_tokens=100, temperature=0.0,
-                                         stream=True))
+    kw = dict(max_new_tokens=100, min_new_tokens=100, temperature=0.0)  # end-of-text banned: 100 characters
+    text = small_lm.generate("the quick brown fox jumps", **kw)
+    assert len(text) == 100  # 25 + 100 characters on a 32-token model: the window slid
+    streamed = "".join(small_lm.generate("the quick brown fox jumps", stream=True, **kw))
     assert streamed == text
     reply = small_lm.chat_session().send("hi", temperature=0.0)  # default reply length fits block 32
     assert isinstance(reply, str)
@@ -83,9 +85,9 @@ def test_defaults_adapt_to_a_small_context(small_lm, tmp_path):
     folder = export_model(small_lm, tmp_path / "exp")
     exported = load_exported(folder)
     assert exported.manifest["max_new_tokens"] == 16
-    long = exported.generate("the fox", max_new_tokens=40, temperature=0.0)
+    long = exported.generate("the fox", max_new_tokens=40, min_new_tokens=40, temperature=0.0)
     assert len(long) == 40  # slides past its exported lengths
-    assert long[:16] == small_lm.generate("the fox", max_new_tokens=16, temperature=0.0)  # the first window
+    assert long[:16] == small_lm.generate("the fox", max_new_tokens=16, min_new_tokens=16, temperature=0.0)
     cropped = exported.generate("the quick brown fox jumps over", max_new_tokens=8, temperature=0.0)
     assert cropped == small_lm.generate("the quick brown fox jumps over"[-16:], max_new_tokens=8, temperature=0.0)
 
@@ -182,6 +184,6 @@ def test_auto_dtype_is_measured_once_and_cached(tmp_path, monkeypatch):
 def test_wrong_run_dir_kinds_are_one_line_errors(tmp_path, train_tiny):
     run = train_tiny(tmp_path / "pre", {"train.steps": 2})
     out = jaxgpt_cli("evaluate", "--run-dir", str(run))
-    assert out.returncode == 2 and "pretraining run dir" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert out.returncode == 2 and "pretrained run dir" in out.stderr and len(out.stderr.splitlines()) == 1
     out = jaxgpt_cli("generate", "--run-dir", str(tmp_path / "missing"))
     assert out.returncode == 2 and "jaxgpt train --config" in out.stderr

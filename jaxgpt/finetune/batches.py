@@ -13,8 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxgpt import conversation
 from jaxgpt.data.tokenizers import Tokenizer
-from jaxgpt.finetune.chat import tokenize_dialogue
 from jaxgpt.finetune.data import Example
 
 MIN_BUCKET = 16
@@ -40,13 +40,15 @@ class Encoded:
         return len(self.ids)
 
 
-def encode(examples: list[Example], task: str, tok: Tokenizer, max_len: int, labels: list[str]) -> Encoded:
+def encode(examples: list[Example], task: str, tok: Tokenizer, max_len: int, labels: list[str],
+           template: conversation.Template = conversation.DEFAULT) -> Encoded:
+    """Token ids of examples; SFT dialogues in `template` (the run's, so chat and serving see the same ids)."""
     if task == "classify":
         index = {lab: i for i, lab in enumerate(labels)}
         ids = [np.asarray(tok.encode(ex.text)[:max_len] or [tok.eos_id], np.int32) for ex in examples]
         return Encoded(ids, label_N=np.asarray([index[ex.label] for ex in examples], np.int32))
     # SFT rows hold max_len inputs plus one more token as the last target.
-    pairs = [tokenize_dialogue(ex.messages, tok, max_len + 1) for ex in examples]
+    pairs = [conversation.dialogue_ids(template, ex.messages, tok, max_len + 1) for ex in examples]
     return Encoded([p[0] for p in pairs], in_loss=[p[1] for p in pairs])
 
 

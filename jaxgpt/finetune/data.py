@@ -19,7 +19,7 @@ from jaxgpt.config import FinetuneConfig
 from jaxgpt.data import sources
 from jaxgpt.data.records import read_jsonl
 from jaxgpt.errors import JaxgptError
-from jaxgpt.finetune.chat import validate_messages
+from jaxgpt.conversation import validate_messages
 
 TASKS = ("classify", "sft")
 

@@ -7,11 +7,11 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jaxgpt import conversation
 from jaxgpt.config import Config
 from jaxgpt.data.tokenizers import Tokenizer
 from jaxgpt.finetune import metrics as M
 from jaxgpt.finetune.batches import Encoded, eval_batches
-from jaxgpt.finetune.chat import render_prompt
 from jaxgpt.finetune.data import TaskData, prompt_and_reference
 
 
@@ -28,7 +28,7 @@ def class_probs(eval_step: Callable, params, enc: Encoded, batch_size: int, max_
 
 
 def evaluate(cfg: Config, eval_step: Callable, params, task: TaskData, split: str, enc: Encoded, tok: Tokenizer,
-             max_len: int, put: Callable) -> dict[str, float]:
+             max_len: int, put: Callable, template: conversation.Template = conversation.DEFAULT) -> dict[str, float]:
     B = cfg.train.batch_size
     if task.task == "classify":
         logits_NxC = class_probs(eval_step, params, enc, B, max_len, tok.eos_id, put)
@@ -43,12 +43,16 @@ def evaluate(cfg: Config, eval_step: Callable, params, task: TaskData, split: st
         s, n = jax.device_get(eval_step(params, put(batch)))
         total, count = total + float(s), count + float(n)
     result = {"loss": total / max(count, 1.0)}
-    result.update(generative_scores(cfg, params["gpt"], task.split(split), tok))
+    result.update(generative_scores(cfg, params["gpt"], task.split(split), tok, template))
     return result
 
 
-def generative_scores(cfg: Config, gpt_params, examples, tok: Tokenizer) -> dict[str, float]:
-    """Greedy answers to the first `finetune.gen_examples` prompts, scored against the references."""
+def generative_scores(cfg: Config, gpt_params, examples, tok: Tokenizer,
+                      template: conversation.Template = conversation.DEFAULT) -> dict[str, float]:
+    """Greedy answers to the first `finetune.gen_examples` prompts, scored against the references.
+
+    Prompts are `conversation.prompt_ids`: the very ids training saw before the reply, and chat sends.
+    """
     from jaxgpt.generate import SamplingParams, generate_ids
 
     ft = cfg.finetune
@@ -60,10 +64,10 @@ def generative_scores(cfg: Config, gpt_params, examples, tok: Tokenizer) -> dict
     prompts, refs = [], []
     for ex in chosen:
         context, reference = prompt_and_reference(ex)
-        prompts.append(tok.encode(render_prompt(context))[-keep:])  # the end of a long prompt matters most
+        prompts.append(conversation.prompt_ids(template, context, tok)[-keep:])  # the end of a long prompt matters most
         refs.append(reference)
     outs = generate_ids(gpt_params, cfg.model, prompts, new_tokens, eos_id=tok.eos_id, n_vocab=tok.vocab_size,
                         sampling=SamplingParams(temperature=0.0))
-    preds = [tok.decode(ids) for ids in outs]
+    preds = [conversation.reply_text(template, ids, tok) for ids in outs]
     return {"exact_match": float(np.mean([M.exact_match(p, r) for p, r in zip(preds, refs)])),
             "rouge_l": float(np.mean([M.rouge_l(p, r) for p, r in zip(preds, refs)]))}

@@ -1,4 +1,7 @@
-"""Loading a fine-tune run for inference: a classifier with `.classify(texts)`, or an SFT language model."""
+"""Loading a fine-tune run: its params (`load_params`), and a classifier run as a `Classifier`.
+
+SFT runs are language models: `jaxgpt.load` (jaxgpt.api) loads them with the params read here.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import jax
 import numpy as np
 
 from jaxgpt import config as config_lib
+from jaxgpt import rundir
 from jaxgpt.config import Config
 from jaxgpt.data import tokenizers
 from jaxgpt.finetune.batches import encode, eval_batches
@@ -16,7 +20,7 @@ from jaxgpt.finetune.checkpoint import BestCheckpoints
 from jaxgpt.finetune.data import Example
 from jaxgpt.finetune.heads import class_logits, init_head
 from jaxgpt.finetune.metrics import selection_metric
-from jaxgpt.model import init_params, merge_lora
+from jaxgpt.model import init_params
 
 
 def load_params(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Any, dict]:
@@ -66,16 +70,9 @@ class Classifier:
         return (labels[0], probs_NxC[0]) if single else (labels, probs_NxC)
 
 
-def load_finetuned(run_dir: str | Path, checkpoint: str = "best"):
-    """A Classifier, or for an SFT run a LanguageModel with any LoRA adapters merged into the kernels."""
-    from jaxgpt.api import LanguageModel
-
+def load_classifier(run_dir: str | Path, checkpoint: str = "best") -> Classifier:
+    """A `jaxgpt finetune finetune.task=classify` run dir as a Classifier; other run dirs are an error."""
+    run_dir = Path(run_dir)
+    rundir.check_kind(run_dir, rundir.resolve_config(run_dir, None), rundir.CLASSIFIER)
     cfg, params, meta = load_params(run_dir, checkpoint)
-    tok = tokenizers.load(Path(run_dir) / "tokenizer")
-    if cfg.finetune.task == "classify":
-        return Classifier(cfg, params, tok, meta["step"])
-    gpt = params["gpt"]
-    if cfg.model.lora_rank:
-        gpt = merge_lora(gpt, cfg.model)
-        cfg = config_lib.replace(cfg, **{"model.lora_rank": 0})
-    return LanguageModel(cfg, gpt, tok, meta["step"])
+    return Classifier(cfg, params, tokenizers.load(run_dir / "tokenizer"), meta["step"])

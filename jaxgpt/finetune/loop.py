@@ -1,8 +1,9 @@
 """The fine-tune loop: pretrained run -> task data -> jitted steps -> validation, selection, test.
 
 A fine-tune run dir holds config.json (the pretrained model's config plus `train.*` and `finetune.*`),
-tokenizer/ (copied), checkpoints/ (latest and best by the selection metric), metrics.jsonl and, at the
-end, test_metrics.json for the best checkpoint.
+tokenizer/ (copied), chat_template.json (SFT: the dialogue format it was trained in), checkpoints/
+(latest and best by the selection metric), metrics.jsonl and, at the end, test_metrics.json for the best
+checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
-from jaxgpt import rundir, sharding
+from jaxgpt import conversation, rundir, sharding
 from jaxgpt.config import Config
 from jaxgpt.data import tokenizers
 from jaxgpt.errors import JaxgptError
@@ -125,9 +126,13 @@ class FineTuner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copytree(Path(ft.init_from) / "tokenizer", self.run_dir / "tokenizer", dirs_exist_ok=True)
         config_lib.save_json(cfg, self.run_dir / "config.json")
+        # SFT records its dialogue format, so chat and serving use the ids it was trained on.
+        self.template = conversation.for_run(ft.init_from)
+        if self.task.task == "sft":
+            conversation.save(self.template, self.run_dir)
         (self.run_dir / "task.json").write_text(json.dumps(describe(self.task), indent=1) + "\n")
-        enc = {s: batch_lib.encode(self.task.split(s), self.task.task, self.tok, self.max_len, self.task.labels)
-               for s in ("train", "val")}
+        enc = {s: batch_lib.encode(self.task.split(s), self.task.task, self.tok, self.max_len, self.task.labels,
+                                   self.template) for s in ("train", "val")}
         self.enc = enc
         self.mesh = sharding.make_mesh(cfg.mesh)
 
@@ -172,7 +177,8 @@ class FineTuner:
                     interrupted = interrupt.requested  # read once: a signal may land mid-iteration
                     if done % tc.eval_every == 0 or done == tc.steps or interrupted:
                         val = eval_lib.evaluate(self.cfg, steps.eval, state["params"], task, "val", self.enc["val"],
-                                                self.tok, self.max_len, steps.put_batch)
+                                                self.tok, self.max_len, steps.put_batch,
+                                                self.template)
                         record.update({"step": done, **{f"val_{k}": v for k, v in val.items()}})
                         ckpt.save(done, state["params"], val)
                         stop = stopper.update(val[self.metric], done)
@@ -213,8 +219,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
 
     run_dir = Path(run_dir)
     if not rundir.resolve_config(run_dir, None).finetune.task:
-        raise JaxgptError(f"'{run_dir}' is a pretraining run dir; `jaxgpt evaluate` takes fine-tune run dirs "
-                          "(score a pretrained model with `jaxgpt perplexity --run-dir ... --file ...`)")
+        raise JaxgptError(f"'{run_dir}' is a pretrained run dir, not a fine-tune; `jaxgpt evaluate` takes the run "
+                          "dir of `jaxgpt finetune` (for a language model's loss on text use `jaxgpt perplexity`)")
     cfg, params, meta = load_params(run_dir, checkpoint)
     task = task or load_task(cfg.finetune)
     examples = task.split(split)
@@ -222,7 +228,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
         raise JaxgptError(f"the task has no '{split}' examples; set finetune.test_source or use --split val")
     tok = tokenizers.load(run_dir / "tokenizer")
     max_len = cfg.finetune.max_len or cfg.model.block_size
-    enc = batch_lib.encode(examples, task.task, tok, max_len, task.labels)
+    template = conversation.for_run(run_dir)
+    enc = batch_lib.encode(examples, task.task, tok, max_len, task.labels, template)
     mesh = sharding.make_mesh(cfg.mesh)
     eval_step = jax.jit(step_lib.make_eval_step(cfg.model, task.task, cfg.finetune.pooling))
 
@@ -230,7 +237,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
         return {k: jax.device_put(v) for k, v in batch.items()}
 
     with jax.set_mesh(mesh), step_lib.rules():
-        metrics = eval_lib.evaluate(cfg, eval_step, params, task, split, enc, tok, max_len, put)
+        metrics = eval_lib.evaluate(cfg, eval_step, params, task, split, enc, tok, max_len, put, template)
     metrics = {"step": meta["step"], "n": len(examples), **metrics}
     (run_dir / f"{split}_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics

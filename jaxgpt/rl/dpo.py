@@ -3,6 +3,8 @@
 loss = -log sigmoid(beta [(log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))]), where log pi(y) sums
 the log-probs of the response tokens given the prompt (the response is followed by end-of-text, which is
 scored too). Rows are right-padded: a pair is two rows, chosen and rejected, of prompt + response + eos.
+A prompt may be a dialogue (a list of {role, content} messages ending with the user's): it is then rendered
+in the run's chat template (jaxgpt.conversation) and the responses are assistant replies, as SFT trains them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxgpt import conversation
 from jaxgpt.config import ModelConfig
 from jaxgpt.data.records import read_jsonl
 from jaxgpt.errors import JaxgptError
@@ -25,7 +28,7 @@ FIELDS = ("prompt", "chosen", "rejected")
 
 
 class Pair(NamedTuple):
-    prompt: str
+    prompt: str | list[dict[str, str]]  # text, or a dialogue answered by chosen/rejected
     chosen: str
     rejected: str
     where: str  # 'FILE line N', for errors found later (e.g. text the tokenizer cannot encode)
@@ -43,7 +46,9 @@ def read_pairs(path: str | Path) -> list[Pair]:
         for field in FIELDS:
             if field not in record:
                 raise JaxgptError(f"{path} line {n}: missing field '{field}'")
-            if not isinstance(record[field], str):
+            if field == "prompt" and isinstance(record[field], list):
+                conversation.check_prompt(record[field], f"{path} line {n}")
+            elif not isinstance(record[field], str):
                 raise JaxgptError(f"{path} line {n}: field '{field}' must be a string, "
                                   f"got {type(record[field]).__name__}")
         if not record["chosen"] or not record["rejected"]:
@@ -54,13 +59,18 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
-def encode_row(tokenizer, prompt: str, response: str, block_size: int) -> Row:
+def encode_row(tokenizer, prompt, response: str, block_size: int,
+               template: conversation.Template = conversation.DEFAULT) -> Row:
     """prompt + response + eos ids and where the response starts, cut to block_size.
 
     Too long: the prompt loses tokens from its start; a response longer than the window keeps its start.
     """
-    response_ids = tokenizer.encode(response)[:block_size - 1] + [tokenizer.eos_id]
-    prompt_ids = tokenizer.encode(prompt) if prompt else []
+    if isinstance(prompt, list):  # a dialogue: the ids SFT trains on and chat sends
+        response_ids = conversation.reply_ids(template, response, tokenizer)[:-1][:block_size - 1] + [tokenizer.eos_id]
+        prompt_ids = conversation.prompt_ids(template, prompt, tokenizer)
+    else:
+        response_ids = tokenizer.encode(response)[:block_size - 1] + [tokenizer.eos_id]
+        prompt_ids = tokenizer.encode(prompt) if prompt else []
     keep = block_size - len(response_ids)
     prompt_ids = prompt_ids[len(prompt_ids) - keep:] if keep > 0 else []
     if not prompt_ids:  # the first response token needs something to be predicted from
@@ -69,13 +79,14 @@ def encode_row(tokenizer, prompt: str, response: str, block_size: int) -> Row:
     return prompt_ids + response_ids, len(prompt_ids)
 
 
-def encode_pairs(tokenizer, pairs: list[Pair], block_size: int) -> list[tuple[Row, Row]]:
+def encode_pairs(tokenizer, pairs: list[Pair], block_size: int,
+                 template: conversation.Template = conversation.DEFAULT) -> list[tuple[Row, Row]]:
     """(chosen row, rejected row) per pair; text the tokenizer rejects is an error naming its line."""
     out = []
     for p in pairs:
         try:
-            out.append((encode_row(tokenizer, p.prompt, p.chosen, block_size),
-                        encode_row(tokenizer, p.prompt, p.rejected, block_size)))
+            out.append((encode_row(tokenizer, p.prompt, p.chosen, block_size, template),
+                        encode_row(tokenizer, p.prompt, p.rejected, block_size, template)))
         except JaxgptError as e:
             raise JaxgptError(f"{p.where}: {e}") from None
     return out

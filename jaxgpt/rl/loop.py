@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
-from jaxgpt import rundir, sharding
+from jaxgpt import conversation, rundir, sharding
 from jaxgpt.config import Config
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import left_pad, prompt_bucket
@@ -57,14 +57,13 @@ class _Run:
     """What both loops share: config, tokenizer, mesh, train state, frozen reference, checkpoints."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, updates_per_step: int):
-        import jaxgpt
+        from jaxgpt.api import load
 
         check(cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        init = jaxgpt.load(cfg.rl.init_from)
-        if not isinstance(init, jaxgpt.LanguageModel):
-            raise JaxgptError(f"--init-from '{cfg.rl.init_from}' is a {type(init).__name__}, not a language model")
+        init = load(cfg.rl.init_from)  # a classifier run dir is refused there, in one line
+        self.template = conversation.inherit(cfg.rl.init_from, self.run_dir)  # a chat model keeps its format
         cfg = rundir.resolve_config(self.run_dir, cfg)
         self.cfg, self.tok = cfg, init.tokenizer
         self.n_vocab = self.tok.vocab_size
@@ -119,8 +118,9 @@ class GRPOLoop(_Run):
         rl = self.cfg.rl
         self.reward_fn = rewards.make_reward(rl)
         train_texts, eval_texts = load_prompts(self.cfg)
-        self.train_prompts = [(t, self._encode(t)) for t in train_texts]
-        self.eval_prompts = [(t, self._encode(t)) for t in eval_texts]
+        # (text the reward sees, ids); a dialogue prompt's text is its last user message.
+        self.train_prompts = [(self._text(t), self._encode(t)) for t in train_texts]
+        self.eval_prompts = [(self._text(t), self._encode(t)) for t in eval_texts]
         self.B = rl.prompts_per_step * rl.group_size
         self.check_rows(self.B, "rl.prompts_per_step x rl.group_size")
         self.check_rows(self.B // rl.minibatches, "a minibatch")
@@ -136,11 +136,17 @@ class GRPOLoop(_Run):
         self.step_fn = None
         self.samples_log = JsonlLog(self.run_dir / "rl_samples.jsonl", self.start)
 
-    def _encode(self, text: str) -> list[int]:
+    @staticmethod
+    def _text(prompt) -> str:
+        return prompt[-1]["content"] if isinstance(prompt, list) else prompt
+
+    def _encode(self, prompt) -> list[int]:
+        """A text prompt's ids, or a dialogue's in the chat template (the ids SFT trained the reply after)."""
         try:
-            ids = self.tok.encode(text) or [self.tok.eos_id]
+            ids = (conversation.prompt_ids(self.template, prompt, self.tok) if isinstance(prompt, list)
+                   else self.tok.encode(prompt)) or [self.tok.eos_id]
         except JaxgptError as e:
-            raise JaxgptError(f"prompt {text[:40]!r}: {e}") from None
+            raise JaxgptError(f"prompt {self._text(prompt)[:40]!r}: {e}") from None
         return ids[-(self.cfg.model.block_size - self.cfg.rl.max_new_tokens):]  # long prompts keep their end
 
     def rollout(self, params, prompts: list[tuple[str, list[int]]], keys_B) -> dict[str, Any]:
@@ -247,7 +253,7 @@ class DPOLoop(_Run):
     def __init__(self, cfg: Config, run_dir: str | Path):
         super().__init__(cfg, run_dir, 1)
         pairs = dpo_lib.read_pairs(self.cfg.rl.data)
-        encoded = dpo_lib.encode_pairs(self.tok, pairs, self.cfg.model.block_size)
+        encoded = dpo_lib.encode_pairs(self.tok, pairs, self.cfg.model.block_size, self.template)
         vf = self.cfg.rl.val_fraction
         period = max(2, round(1 / vf)) if vf > 0 and len(encoded) >= 10 else 0
         self.val = [e for i, e in enumerate(encoded) if period and i % period == period // 2]

@@ -3,8 +3,9 @@
 `shakespeare`: the opening of speeches ('SPEAKER:' and the speech's first line) from the bundled plays;
 training prompts come from the pretraining split's plays and held-out prompts from its validation plays,
 so neither the pretrained model nor the policy has seen the held-out ones. A file: `.jsonl` lines with
-a "prompt" field, or any other text file with one prompt per line (`\\n` in a line stands for a newline);
-its last `rl.eval_prompts` prompts are held out.
+a "prompt" field (text, or a dialogue: a list of {role, content} messages ending with the user's, which
+the policy answers in its chat template), or any other text file with one prompt per line (`\\n` in a
+line stands for a newline); its last `rl.eval_prompts` prompts are held out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import re
 from pathlib import Path
 
+from jaxgpt import conversation
 from jaxgpt.config import Config
 from jaxgpt.errors import JaxgptError
 
@@ -41,7 +43,7 @@ def shakespeare_prompts(val_fraction: float) -> tuple[list[str], list[str]]:
     return train, held_out
 
 
-def _read_file(path: Path) -> list[str]:
+def _read_file(path: Path) -> list:
     if not path.is_file():
         raise JaxgptError(f"rl.prompts file '{path}' not found; use 'shakespeare' or a .txt/.jsonl file")
     prompts = []
@@ -53,15 +55,19 @@ def _read_file(path: Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise JaxgptError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise JaxgptError(f"{path} line {n}: expected an object with a string 'prompt' field")
-            prompts.append(record["prompt"])
+            prompt = record.get("prompt") if isinstance(record, dict) else None
+            if isinstance(prompt, list):
+                conversation.check_prompt(prompt, f"{path} line {n}")
+            elif not isinstance(prompt, str):
+                raise JaxgptError(f"{path} line {n}: expected an object with a string 'prompt' field "
+                                  "(or a dialogue: a list of {role, content} messages)")
+            prompts.append(prompt)
         else:
             prompts.append(line.replace("\\n", "\n"))
     return prompts
 
 
-def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
+def load_prompts(cfg: Config) -> tuple[list, list]:
     """(train prompts, held-out prompts) for cfg.rl.prompts; the held-out list has rl.eval_prompts entries."""
     n_eval = cfg.rl.eval_prompts
     if cfg.rl.prompts == "shakespeare":

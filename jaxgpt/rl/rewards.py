@@ -135,9 +135,9 @@ def make_reward(cfg: RLConfig) -> Reward:
     """The reward `cfg.reward` names."""
     spec = cfg.reward
     if spec.startswith("classifier:"):
-        import jaxgpt
+        from jaxgpt.finetune.infer import load_classifier
 
-        return ClassifierReward(jaxgpt.load(spec.removeprefix("classifier:")), cfg.reward_label)
+        return ClassifierReward(load_classifier(spec.removeprefix("classifier:")), cfg.reward_label)
     if ":" in spec:
         return _import_callable(spec)
     if spec == "syllables":

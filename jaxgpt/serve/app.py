@@ -157,7 +157,7 @@ def _encode(serving: Serving, req: protocol.Request, prompt) -> list[int]:
                                 "ids", param=param)
         return list(prompt)
     try:
-        ids = protocol.chat_ids(prompt, tok) if req.chat else tok.encode(prompt)
+        ids = protocol.chat_ids(prompt, tok, serving.model.template) if req.chat else tok.encode(prompt)
     except JaxgptError as e:
         raise ApiError(400, str(e), param=param) from None
     return ids or [tok.eos_id]  # an empty prompt starts from end-of-text, as jaxgpt.generate does
@@ -392,11 +392,11 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, checkpoint: s
 
     import uvicorn
 
-    import jaxgpt
+    from jaxgpt.api import load
 
     # SIGTERM exits 0 while loading, and after uvicorn's graceful shutdown (uvicorn re-raises the signal).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    model = jaxgpt.load(run_dir, checkpoint, quantize=quantize)
+    model = load(run_dir, checkpoint, quantize=quantize)  # refuses a classifier run dir before binding the port
     name = name or Path(run_dir).resolve().name
     app = create_app(model, name, max_batch if batching else 1, max_wait_ms, chunk)
     log.warning("serving %s (%s) on http://%s:%d/v1 (max_batch %d)", name, run_dir, host, port,

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from jaxgpt.chat import render_system, render_user
+from jaxgpt import conversation
 from jaxgpt.scoring import MAX_TOP
 
 
@@ -221,17 +221,10 @@ def _messages(messages) -> list[tuple[str, str]]:
     return out
 
 
-def chat_ids(messages: list[tuple[str, str]], tokenizer) -> list[int]:
-    """jaxgpt.chat's template as token ids: turns encoded piece by piece, each reply closed by end-of-text."""
-    ids: list[int] = []
-    for role, content in messages:
-        if role == "system":
-            ids += tokenizer.encode(render_system(content))
-        elif role == "user":
-            ids += tokenizer.encode(render_user(content))
-        else:
-            ids += tokenizer.encode(content) + [tokenizer.eos_id]
-    return ids
+def chat_ids(messages: list[tuple[str, str]], tokenizer,
+             template: conversation.Template = conversation.DEFAULT) -> list[int]:
+    """The prompt ids for the next assistant message: the same ids SFT trained on and ChatSession sends."""
+    return conversation.prompt_ids(template, messages, tokenizer)
 
 
 def new_id(prefix: str) -> str:
