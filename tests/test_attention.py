@@ -136,3 +136,17 @@ def test_splash_under_a_mesh_runs_per_shard(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["err"] < 1e-5 and result["devices"] == 4
+
+
+@pytest.mark.skipif(attention.platform() != "nvidia", reason="needs an NVIDIA GPU (scripts/gpu_check.sh runs it)")
+def test_cudnn_equals_xla_on_nvidia():
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv())
+    w = jax.random.normal(jax.random.key(9), (B, T, H, K))
+
+    def loss(impl, q, k, v):
+        return (attend(impl, q, k, v, None).astype(jnp.float32) * w).sum()
+
+    np.testing.assert_allclose(attend("cudnn", q, k, v, None).astype(jnp.float32),
+                               attend("xla", q, k, v, None).astype(jnp.float32), atol=2e-2)
+    for a, b in zip(jax.grad(loss, (1, 2, 3))("cudnn", q, k, v), jax.grad(loss, (1, 2, 3))("xla", q, k, v)):
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=5e-2, rtol=5e-2)
