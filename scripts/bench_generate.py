@@ -105,7 +105,8 @@ def torch_worker(wl: dict, prompt_len: int, new_tokens: int, threads: int, batch
         for n in (1, new_tokens):
             first[f"b{b}_n{n}"] = call(b, n)
     _send({"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "attn_implementation": getattr(hf, "_attn_implementation", None), "first_call_s": first,
+           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "attn_implementation": getattr(hf, "_attn_implementation", None), "first_call_s": first,
            "rss_after_setup_mib": peak_rss_mib()})
     serve({"run": lambda a: {f"b{b}_n{n}": [call(b, n) for _ in range(a["reps"])]
                              for b in batches for n in (1, new_tokens)}})

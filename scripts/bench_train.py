@@ -230,7 +230,8 @@ def torch_worker(wl: dict, threads: int, variant: str = "fp32") -> None:
     params = list(model.parameters())
     forward = torch.compile(model) if variant.startswith("compile") else model
     # bf16 autocast: matmuls in bf16, weights/optimizer in fp32 (PyTorch's mixed-precision recipe).
-    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if variant.endswith("bf16") else contextlib.nullcontext
+    bf16 = variant.endswith("bf16")
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -391,7 +392,8 @@ def bench_workload(name: str, args) -> dict:
 def print_table(res: dict) -> None:
     print(f"\n== train: {res['workload']}  {res['config']}")
     print(f"   {res['rounds']} rounds x {res['steps_per_round']} steps; peak {res['peak_fp32_matmul_flops'] / 1e9:.0f} "
-          f"GFLOP/s (CPU: fp32 matmul measured; accelerator: vendor bf16); {res['flops_per_token'] / 1e6:.1f} MFLOP/token"
+          f"GFLOP/s (CPU: fp32 matmul measured; accelerator: vendor bf16); "
+          f"{res['flops_per_token'] / 1e6:.1f} MFLOP/token"
           + ("; workers started in parallel (first-step times contended)" if res.get("parallel_start") else ""))
     width = max(14, *(len(label) + 2 for label in res["frameworks"]))
     hdr = (f"{'':{width}s}{'dtype':>9s}{'attn':>10s}{'tok/s':>11s}{'step s':>9s}{'MFU':>7s}{'1st step s':>11s}"
@@ -429,7 +431,8 @@ def main() -> None:
     p.add_argument("--xla-sweep", action="store_true", help=f"alternate jaxgpt under {', '.join(XLA_SWEEP)}")
     p.add_argument("--json-out", default="", help="also write the JSON result here")
     p.add_argument("--mesh", default="1,1,1", help="jaxgpt mesh data,fsdp,tensor (-1: the rest of the devices)")
-    p.add_argument("--dtype", default="float32", help="jaxgpt compute dtype(s), comma-separated: auto, float32, bfloat16")
+    p.add_argument("--dtype", default="float32",
+                   help="jaxgpt compute dtype(s), comma-separated: auto, float32, bfloat16")
     p.add_argument("--batch", type=int, default=0, help="batch size (default: per workload)")
     p.add_argument("--torch-variants", default="fp32,bf16",
                    help=f"with --torch, comma-separated: {', '.join(TORCH_VARIANTS)} (bf16: autocast)")
@@ -437,7 +440,8 @@ def main() -> None:
                    help="start all workers at once (faster on many cores; first-step times then contend)")
     p.add_argument("--remat", default="none", choices=["none", "dots_saveable", "full"])
     p.add_argument("--scan-layers", action="store_true")
-    p.add_argument("--attention", default="auto", help="jaxgpt attention path(s), comma-separated (jaxgpt/attention.py)")
+    p.add_argument("--attention", default="auto",
+                   help="jaxgpt attention path(s), comma-separated (jaxgpt/attention.py)")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
 
