@@ -396,7 +396,7 @@ def print_table(res: dict) -> None:
           f"{res['flops_per_token'] / 1e6:.1f} MFLOP/token"
           + ("; workers started in parallel (first-step times contended)" if res.get("parallel_start") else ""))
     width = max(14, *(len(label) + 2 for label in res["frameworks"]))
-    hdr = (f"{'':{width}s}{'dtype':>9s}{'attn':>10s}{'tok/s':>11s}{'step s':>9s}{'MFU':>7s}{'1st step s':>11s}"
+    hdr = (f"{'':{width}s}{'dtype':>13s}{'attn':>10s}{'tok/s':>11s}{'step s':>9s}{'MFU':>7s}{'1st step s':>11s}"
            f"{'RSS MiB':>9s}{'vs ' + res.get('ratio_base', 'torch'):>14s}{'paired':>8s}")
     sweep = any("ratio_vs_xla_default" in e for e in res["frameworks"].values())
     if sweep:
@@ -404,7 +404,7 @@ def print_table(res: dict) -> None:
     print(hdr)
     for label, e in res["frameworks"].items():
         dtype = e.get("dtype") or e.get("variant", "")
-        line = (f"{label:{width}s}{dtype:>9s}{e.get('attention_path', ''):>10s}{e['tokens_per_s']:11.1f}"
+        line = (f"{label:{width}s}{dtype:>13s}{e.get('attention_path', ''):>10s}{e['tokens_per_s']:11.1f}"
                 f"{e['step_s_median']:9.3f}{100 * e['mfu']:6.1f}%{e['first_step_s']:11.2f}{e['peak_rss_mib']:9.0f}")
         line += f"{e['ratio_vs_torch']:13.2f}x{e['ratio_vs_torch_paired']:7.2f}x" if "ratio_vs_torch" in e else " " * 22
         if sweep and "ratio_vs_xla_default" in e:
