@@ -30,7 +30,7 @@ class ModelConfig:
     bias: bool = True
     dtype: str = "auto"  # activations and matmul inputs; auto: bfloat16 where native (jaxgpt/precision.py)
     param_dtype: str = "float32"
-    attention: str = "auto"  # auto | xla | blockwise (causal blocks; auto on CPUs, T >= 512) | cudnn (NVIDIA)
+    attention: str = "auto"  # auto (per platform, see jaxgpt/attention.py) | xla | blockwise | cudnn | splash (TPU)
     remat: str = "none"  # none | full | dots_saveable: recompute activations in the backward pass
     scan_layers: bool = False  # nn.scan over blocks: compile time independent of depth
     lora_rank: int = 0  # > 0: LoRA adapters of this rank on the lora_targets projections

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.attention import ATTENTION, attend, attention_mask
 from jaxgpt.config import ModelConfig, dtype_of
 from jaxgpt.precision import DTYPES
 
@@ -134,44 +135,6 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def attention_mask(T: int, S: int, cache_index, start_B: jax.Array | None) -> jax.Array:
-    """Bx1xTxS boolean: query t (at slot cache_index+t) sees key slots <= its own, not left padding."""
-    query_slot_T = cache_index + jnp.arange(T)
-    key_slot_S = jnp.arange(S)
-    mask_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
-    if start_B is None:
-        return mask_TxS[None, None]
-    not_pad_BxS = key_slot_S[None, :] >= start_B[:, None]
-    return (mask_TxS[None] & not_pad_BxS[:, None, :])[:, None]
-
-
-ATTENTION = ("auto", "xla", "blockwise", "cudnn")
-_BLOCK = 128  # query/key block of the blockwise path
-
-
-def use_blockwise(attention: str, T: int) -> bool:
-    """'auto' takes the blockwise path on CPUs for long causal sequences, where it is about 2x faster."""
-    if attention == "blockwise":
-        return T % _BLOCK == 0 and T > _BLOCK
-    return attention == "auto" and T >= 512 and T % _BLOCK == 0 and jax.default_backend() == "cpu"
-
-
-def blockwise_causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK):
-    """Causal attention a query block at a time against only the keys it can see: skips the masked half
-    of the scores and never holds the full TxT matrix (XLA's CPU path does both)."""
-    T, K = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
-    outs = []
-    for start in range(0, T, _BLOCK):
-        end = start + _BLOCK
-        logits_BxHxCxS = jnp.einsum("bchk,bshk->bhcs", q_BxTxHxK[:, start:end], k_BxTxHxK[:, :end],
-                                    preferred_element_type=jnp.float32) / math.sqrt(K)
-        visible_CxS = jnp.arange(end)[None, :] <= (start + jnp.arange(_BLOCK))[:, None]
-        logits_BxHxCxS = jnp.where(visible_CxS, logits_BxHxCxS, jnp.finfo(jnp.float32).min)
-        probs_BxHxCxS = jax.nn.softmax(logits_BxHxCxS, axis=-1).astype(v_BxTxHxK.dtype)
-        outs.append(jnp.einsum("bhcs,bshk->bchk", probs_BxHxCxS, v_BxTxHxK[:, :end]))
-    return jnp.concatenate(outs, axis=1)
-
-
 class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
 
@@ -196,12 +159,8 @@ class CausalSelfAttention(nn.Module):
             k_BxTxHxK, v_BxTxHxK = k_BxSxHxK.astype(dtype), v_BxSxHxK.astype(dtype)
         if cfg.dropout > 0 and not deterministic:
             out_BxTxHxK = self._attend_with_dropout(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask)
-        elif mask is None and use_blockwise(cfg.attention, q_BxTxHxK.shape[1]):
-            out_BxTxHxK = blockwise_causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
-        else:
-            out_BxTxHxK = jax.nn.dot_product_attention(
-                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask, is_causal=mask is None,
-                implementation="cudnn" if cfg.attention == "cudnn" else None)
+        else:  # splash (TPU), cuDNN (NVIDIA), blockwise (CPU) or XLA: see jaxgpt/attention.py
+            out_BxTxHxK = attend(cfg.attention, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, mask)
         y_BxTxD = Linear((H, K, D), ("heads", "kv", "embed"), n_in=2, std=0.02 / math.sqrt(2 * cfg.n_layer),
                          use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, name="c_proj",
                          **_linear_lora(cfg, "attn/c_proj"))(out_BxTxHxK)
