@@ -78,7 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a self-contained inference artifact (jax.export + safetensors)")
     exp.add_argument("--run-dir", required=True)
-    exp.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    exp.add_argument("--out", required=True, help="new or empty output folder (or an earlier export, replaced)")
+    exp.add_argument("--force", action="store_true", help="replace any other folder (never one holding a run dir)")
     exp.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
     exp.add_argument("--quantize", choices=["int8"], help="store int8 weights (dequantized inside the program)")
     exp.add_argument("--batch-sizes", default="1,8", help="used only where a symbolic batch size does not export")
@@ -124,6 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
     j2h.add_argument("--run-dir", required=True)
     j2h.add_argument("--hf-dir", required=True, help="output folder for GPT2LMHeadModel.from_pretrained")
     j2h.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+    j2h.add_argument("--force", action="store_true", help="replace a non-empty --hf-dir (never one holding a run dir)")
     return parser
 
 
@@ -259,7 +261,7 @@ def _export(args) -> None:
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     out = export_model(jaxgpt.load(args.run_dir, args.checkpoint), args.out, batch_sizes=ints(args.batch_sizes),
                        prompt_buckets=ints(args.prompt_buckets), max_new_tokens=args.max_new_tokens,
-                       quantize=args.quantize)
+                       quantize=args.quantize, force=args.force)
     print(f"exported {args.run_dir} -> {out}; load with jaxgpt.load_exported('{out}')")
 
 
@@ -312,7 +314,7 @@ def _convert(args) -> None:
         print(f"imported {args.hf_dir} -> {args.run_dir} (n_layer={m.n_layer}, n_embd={m.n_embd}, "
               f"block_size={m.block_size}); `jaxgpt train --run-dir {args.run_dir}` fine-tunes with a new optimizer")
     else:
-        written = hf.export_hf(args.run_dir, args.hf_dir, args.checkpoint)
+        written = hf.export_hf(args.run_dir, args.hf_dir, args.checkpoint, args.force)
         note = "" if any(p.name == "vocab.json" for p in written) else (
             " (no HF tokenizer: this run's tokenizer is not GPT-2's; see the run dir's tokenizer/)")
         print(f"exported {args.run_dir} -> {args.hf_dir}: {', '.join(p.name for p in written)}{note}")
@@ -320,15 +322,23 @@ def _convert(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    from jaxgpt import cli_values, files
     from jaxgpt.errors import JaxgptError
 
     try:
+        cli_values.check(args)
         {"train": _train, "generate": _generate, "convert": _convert, "finetune": _finetune,
          "evaluate": _evaluate, "chat": _chat, "perplexity": _perplexity, "serve": _serve,
          "export": _export, "rl": _rl, "dpo": _rl,
          "active": _active, "plot": _plot}[args.command](args)
     except JaxgptError as e:
         print(f"jaxgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        line = files.os_error_message(e)  # disk full / permission denied: one line naming the path and the fix
+        if line is None:
+            raise
+        print(f"jaxgpt {args.command}: error: {line}", file=sys.stderr)
         return 2
     return 0
 

@@ -295,11 +295,19 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_json(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    from jaxgpt import files
+
+    files.atomic_write_json(path, to_dict(cfg), indent=2)  # a crash never leaves a half-written config
 
 
 def read_json_flat(path: str | Path) -> dict[str, Any]:
-    return flatten(json.loads(Path(path).read_text()))
+    from jaxgpt import files
+
+    saved = files.read_json(path, "restore it from a backup, or start a new run dir (the checkpoints alone "
+                                  "do not hold the config)")
+    if not isinstance(saved, dict):
+        raise JaxgptError(f"'{path}' is damaged (not a JSON object); restore it from a backup or start a new run dir")
+    return flatten(saved)
 
 
 def load_json(path: str | Path) -> Config:
