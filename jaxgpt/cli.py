@@ -322,7 +322,11 @@ def _convert(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    import logging
+
     from jaxgpt import cli_values, files
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax logs each save error it also raises to us
     from jaxgpt.errors import JaxgptError
 
     try:
@@ -338,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         line = files.os_error_message(e)  # disk full / permission denied: one line naming the path and the fix
         if line is None:
             raise
-        print(f"jaxgpt {args.command}: error: {line}", file=sys.stderr)
+        print(f"jaxgpt {args.command}: error: {line}", file=sys.stderr, flush=True)
+        if argv is None:  # the real command line: Orbax's threads echo the same error again while exiting
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         return 2
     return 0
 
