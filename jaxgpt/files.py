@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from jaxgpt.errors import JaxgptError
 
-LOCK_NAME = ".lock"
+LOCK_NAME = ".jaxgpt.lock"  # not ".lock": other tools (pytest, for one) use that name
 OUTPUT_MARKER = ".jaxgpt-output"  # names the command that created an output folder, so it may replace it
 _WALK_LIMIT = 100_000  # entries examined before --force gives up looking for run dirs inside a folder
 
