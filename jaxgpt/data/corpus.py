@@ -42,19 +42,19 @@ def cache_folder(cfg: DataConfig, tokenizer: Tokenizer) -> Path:
     key = json.dumps({"v": _FORMAT_VERSION, "source": cfg.source, "field": cfg.text_field,
                       "val": cfg.val_fraction, "max_docs": cfg.max_documents, "tfds_dir": cfg.tfds_data_dir,
                       "tok": tokenizer.kind, "tok_fp": tokenizer.fingerprint(),
-                      "content": content_digest(sources.source_files(cfg), root)}, sort_keys=True)
+                      "content": content_digest(sources.source_files(cfg), root.parent / "file_hashes.json")},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return root / digest
 
 
-def content_digest(paths: list[str] | None, root: Path) -> str | None:
+def content_digest(paths: list[str] | None, memo_file: Path) -> str | None:
     """SHA-256 over the files' bytes, so an edited or a different same-named corpus gets its own cache.
 
-    Each file's hash is remembered in `root/file_hashes.json` under its (size, mtime, ctime, inode): an
-    unchanged file is not read again."""
+    Each file's hash is remembered in `memo_file` under its (size, mtime, ctime, inode): an unchanged file
+    is not read again."""
     if paths is None:
         return None
-    memo_file = root / "file_hashes.json"
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
@@ -72,7 +72,7 @@ def content_digest(paths: list[str] | None, root: Path) -> str | None:
             memo[real], changed = [stamp, h.hexdigest()], True
         digests.append(memo[real][1])
     if changed:
-        root.mkdir(parents=True, exist_ok=True)
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
         files.atomic_write_json(memo_file, memo, indent=None)
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
