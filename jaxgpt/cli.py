@@ -320,6 +320,16 @@ def _convert(args) -> None:
         print(f"exported {args.run_dir} -> {args.hf_dir}: {', '.join(p.name for p in written)}{note}")
 
 
+def _quiet_closed_loop(hook):
+    """After a failed save, tensorstore callbacks hit Orbax's closed event loop and print it: noise, not news."""
+
+    def quiet(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+
+    return quiet
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     import logging
@@ -327,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxgpt import cli_values, files
 
     logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax logs each save error it also raises to us
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     from jaxgpt.errors import JaxgptError
 
     try:
