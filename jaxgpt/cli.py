@@ -80,7 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a self-contained inference artifact (jax.export + safetensors)")
     exp.add_argument("--run-dir", required=True)
-    exp.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    exp.add_argument("--out", required=True, help="new or empty output folder (or an earlier export, replaced)")
+    exp.add_argument("--force", action="store_true", help="replace any other folder (never one holding a run dir)")
     exp.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
     exp.add_argument("--quantize", choices=["int8"], help="store int8 weights (dequantized inside the program)")
     exp.add_argument("--batch-sizes", default="1,8", help="used only where a symbolic batch size does not export")
@@ -128,6 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
     j2h.add_argument("--run-dir", required=True)
     j2h.add_argument("--hf-dir", required=True, help="output folder for GPT2LMHeadModel.from_pretrained")
     j2h.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
+    j2h.add_argument("--force", action="store_true", help="replace a non-empty --hf-dir (never one holding a run dir)")
     return parser
 
 
@@ -263,7 +265,7 @@ def _export(args) -> None:
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     out = export_model(load(args.run_dir, args.checkpoint), args.out, batch_sizes=ints(args.batch_sizes),
                        prompt_buckets=ints(args.prompt_buckets or ""), max_new_tokens=args.max_new_tokens,
-                       quantize=args.quantize)
+                       quantize=args.quantize, force=args.force)
     print(f"exported {args.run_dir} -> {out}; load with jaxgpt.load_exported('{out}')")
 
 
@@ -316,21 +318,38 @@ def _convert(args) -> None:
         print(f"imported {args.hf_dir} -> {args.run_dir} (n_layer={m.n_layer}, n_embd={m.n_embd}, "
               f"block_size={m.block_size}); `jaxgpt train --run-dir {args.run_dir}` fine-tunes with a new optimizer")
     else:
-        written = hf.export_hf(args.run_dir, args.hf_dir, args.checkpoint)
+        written = hf.export_hf(args.run_dir, args.hf_dir, args.checkpoint, args.force)
         note = "" if any(p.name == "vocab.json" for p in written) else (
             f" (this run's tokenizer is not GPT-2's, so transformers cannot load it: it is kept in "
             f"{hf.JAXGPT_TOKENIZER_DIR}/ for `jaxgpt convert hf-to-jaxgpt`)")
         print(f"exported {args.run_dir} -> {args.hf_dir}: {', '.join(p.name for p in written)}{note}")
 
 
+def _quiet_closed_loop(hook):
+    """After a failed save, tensorstore callbacks hit Orbax's closed event loop and print it: noise, not news."""
+
+    def quiet(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+
+    return quiet
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; exit status 0, 2 for bad input, 130/143 when SIGINT/SIGTERM stopped it (after saving)."""
     args = _build_parser().parse_args(argv)
+    import logging
+
+    from jaxgpt import cli_values, files
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # Orbax logs each save error it also raises to us
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     from jaxgpt.errors import JaxgptError
     from jaxgpt.train import signals
 
     signals.reset_caught()
     try:
+        cli_values.check(args)
         {"train": _train, "generate": _generate, "convert": _convert, "finetune": _finetune,
          "evaluate": _evaluate, "chat": _chat, "perplexity": _perplexity, "serve": _serve,
          "export": _export, "rl": _rl, "dpo": _rl,
@@ -341,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once (the last saved checkpoint stays good)
         print(f"\njaxgpt {args.command}: interrupted", file=sys.stderr)
         return signals.exit_status("SIGINT")
+    except Exception as e:
+        line = files.os_error_message(e)  # disk full / permission denied: one line naming the path and the fix
+        if line is None:
+            raise
+        print(f"jaxgpt {args.command}: error: {line}", file=sys.stderr, flush=True)
+        if argv is None:  # the real command line: Orbax's threads echo the same error again while exiting
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        return 2
     caught = signals.caught_signal()
     return signals.exit_status(caught) if caught and args.command != "serve" else 0
 

@@ -295,23 +295,19 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_json(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    from jaxgpt import files
 
-
-def read_json_dict(path: str | Path) -> dict[str, Any]:
-    """A JSON object from a file, or a one-line error naming the file."""
-    try:
-        tree = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise JaxgptError(f"cannot read '{path}' as JSON ({type(e).__name__}: {str(e)[:80]}); restore or delete "
-                          "the file") from None
-    if not isinstance(tree, dict):
-        raise JaxgptError(f"'{path}' holds no JSON object; restore or delete the file")
-    return tree
+    files.atomic_write_json(path, to_dict(cfg), indent=2)  # a crash never leaves a half-written config
 
 
 def read_json_flat(path: str | Path) -> dict[str, Any]:
-    return flatten(read_json_dict(path))
+    from jaxgpt import files
+
+    saved = files.read_json(path, "restore it from a backup, or start a new run dir (the checkpoints alone "
+                                  "do not hold the config)")
+    if not isinstance(saved, dict):
+        raise JaxgptError(f"'{path}' is damaged (not a JSON object); restore it from a backup or start a new run dir")
+    return flatten(saved)
 
 
 def load_json(path: str | Path) -> Config:

@@ -10,7 +10,6 @@ and a manifest. `jaxgpt.exported.load_exported(folder)` runs it with JAX alone: 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt import files
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import SamplingParams, decode_loop, prefill
 
@@ -100,9 +100,12 @@ def default_lengths(block_size: int) -> tuple[list[int], int]:
 
 def export_model(model, out: str | Path, *, batch_sizes: Sequence[int] = (1, 8),
                  prompt_buckets: Sequence[int] | None = None, max_new_tokens: int | None = None,
-                 quantize: str | None = None) -> Path:
+                 quantize: str | None = None, force: bool = False) -> Path:
     """Write `model` (a `jaxgpt.LanguageModel`) to `out`; returns the folder. Lengths default to
-    `default_lengths(block_size)`."""
+    `default_lengths(block_size)`.
+
+    `out` may be new, empty or an earlier export; `force` replaces any other folder that holds no run dir.
+    """
     from safetensors.numpy import save_file
 
     cfg, out = model.cfg.model, Path(out)
@@ -121,30 +124,28 @@ def export_model(model, out: str | Path, *, batch_sizes: Sequence[int] = (1, 8),
 
         params, prepare = _int8_storage(quant.quantize_params(params, quantize)), _int8_arrays
     weights = flatten(params)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    fn = jax.jit(_decode_fn(cfg, max_new_tokens, prepare))
-    programs = []
-    for bucket in buckets:
-        try:  # one program for every batch size
-            (b,) = jax.export.symbolic_shape("b")
-            symbolic = jax.export.export(fn)(*_arg_specs(weights, b, bucket))
-        except Exception:  # noqa: BLE001  (not every op takes a symbolic batch; fall back to fixed sizes)
-            symbolic = None
-        if symbolic is not None:
-            programs.append(_write(out, symbolic, bucket, None))
-            continue
-        for batch in batch_sizes:
-            programs.append(_write(out, jax.export.export(fn)(*_arg_specs(weights, batch, bucket)), bucket, batch))
-    save_file(weights, str(out / "weights.safetensors"))
-    model.tokenizer.save(out / "tokenizer")
-    manifest = {"format": FORMAT_VERSION, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-                "n_vocab": model.tokenizer.vocab_size, "eos_id": model.tokenizer.eos_id,
-                "max_new_tokens": max_new_tokens, "quantize": quantize or "none", "programs": programs,
-                "stop_shape": [MAX_STOP_SEQUENCES, MAX_STOP_TOKENS], "weights": sorted(weights),
-                "source_step": model.step}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    with files.output_folder(out, "export", force) as tmp:
+        fn = jax.jit(_decode_fn(cfg, max_new_tokens, prepare))
+        programs = []
+        for bucket in buckets:
+            try:  # one program for every batch size
+                (b,) = jax.export.symbolic_shape("b")
+                symbolic = jax.export.export(fn)(*_arg_specs(weights, b, bucket))
+            except Exception:  # noqa: BLE001  (not every op takes a symbolic batch; fall back to fixed sizes)
+                symbolic = None
+            if symbolic is not None:
+                programs.append(_write(tmp, symbolic, bucket, None))
+                continue
+            for batch in batch_sizes:
+                programs.append(_write(tmp, jax.export.export(fn)(*_arg_specs(weights, batch, bucket)), bucket, batch))
+        save_file(weights, str(tmp / "weights.safetensors"))
+        model.tokenizer.save(tmp / "tokenizer")
+        manifest = {"format": FORMAT_VERSION, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
+                    "n_vocab": model.tokenizer.vocab_size, "eos_id": model.tokenizer.eos_id,
+                    "max_new_tokens": max_new_tokens, "quantize": quantize or "none", "programs": programs,
+                    "stop_shape": [MAX_STOP_SEQUENCES, MAX_STOP_TOKENS], "weights": sorted(weights),
+                    "source_step": model.step}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
 

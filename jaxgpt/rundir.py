@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from jaxgpt import config as config_lib
+from jaxgpt import files
 from jaxgpt.config import Config
 from jaxgpt.data import corpus, tokenizers
 from jaxgpt.errors import JaxgptError
@@ -77,14 +77,14 @@ def tokenizer_for(cfg: Config, run_dir: Path) -> tokenizers.Tokenizer:
     if (folder / "tokenizer.json").is_file():
         marker = folder / FITTED_FOR
         stale = (not config_path(run_dir).is_file() and marker.is_file()
-                 and config_lib.read_json_dict(marker) != fitted_for)
+                 and files.read_json(marker) != fitted_for)
         if not stale:
             return tokenizers.load(folder)
     # A char vocabulary must cover validation text too; learned vocabularies see training text only.
     splits = ("train", "val") if cfg.data.tokenizer == "char" else ("train",)
     tok = tokenizers.train(cfg.data.tokenizer, corpus.tokenizer_texts(cfg.data, splits), cfg.data.vocab_size)
     tok.save(folder)
-    (folder / FITTED_FOR).write_text(json.dumps(fitted_for, indent=1) + "\n")
+    files.atomic_write_json(folder / FITTED_FOR, fitted_for)
     return tok
 
 

@@ -83,7 +83,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, tiny_overrides):
     for f in damaged.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "manifest" not in f.name and f.suffix != ".json":
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # a write cut short
-    with pytest.warns(UserWarning, match="checkpoint step 30 could not be restored"):
+    with pytest.warns(UserWarning, match="checkpoint step 30 is damaged"):
         train(config.load(None, tiny_overrides), run)
     assert (run / "corrupt_checkpoints" / "30").is_dir()
     again = losses(run)
@@ -95,7 +95,7 @@ def test_nan_loss_stops_without_a_poisoned_checkpoint(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     bad = {**tiny_overrides, "train.lr": 1e30, "train.grad_clip": 0.0, "train.warmup_steps": 0,
            "train.save_every": 1}
-    with pytest.raises(JaxgptError, match="training loss became nan|training loss became inf"):
+    with pytest.raises(JaxgptError, match="training became non-finite"):
         train(config.load(None, bad), run)
     for step_dir in (run / "checkpoints").iterdir():
         if step_dir.name.isdigit():

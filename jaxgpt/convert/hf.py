@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxgpt import config as config_lib
+from jaxgpt import files
 from jaxgpt.config import Config, DataConfig, ModelConfig
 from jaxgpt.data import tokenizers
 from jaxgpt.errors import JaxgptError
@@ -102,11 +103,15 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     import safetensors.numpy
 
     try:
-        return safetensors.numpy.load_file(path)
-    except TypeError:  # bfloat16 has no NumPy dtype; JAX's loader reads it
-        import safetensors.flax
+        try:
+            return safetensors.numpy.load_file(path)
+        except TypeError:  # bfloat16 has no NumPy dtype; JAX's loader reads it
+            import safetensors.flax
 
-        return {k: np.asarray(v, np.float32) for k, v in safetensors.flax.load_file(path).items()}
+            return {k: np.asarray(v, np.float32) for k, v in safetensors.flax.load_file(path).items()}
+    except (safetensors.SafetensorError, ValueError, OSError) as e:  # only parsed, never executed
+        raise JaxgptError(f"'{path}' is not a valid safetensors file ({str(e).splitlines()[0][:120]}); "
+                          "re-save it with save_pretrained(..., safe_serialization=True)") from None
 
 
 def hf_to_params(hf_dir: str | Path) -> HFCheckpoint:
@@ -281,7 +286,7 @@ def hf_config_from_model(model: ModelConfig, n_vocab: int, eos_id: int | None = 
 
 
 def params_to_hf(cfg: Config | ModelConfig, params, n_vocab: int, hf_dir: str | Path,
-                 tokenizer: tokenizers.Tokenizer | None = None) -> list[Path]:
+                 tokenizer: tokenizers.Tokenizer | None = None, force: bool = False) -> list[Path]:
     """Write config.json + model.safetensors (float32, padded vocab rows dropped) that
     `GPT2LMHeadModel.from_pretrained(hf_dir)` loads; with a GPT-2 tokenizer also vocab.json + merges.txt."""
     import safetensors.numpy
@@ -318,32 +323,34 @@ def params_to_hf(cfg: Config | ModelConfig, params, n_vocab: int, hf_dir: str | 
     tensors["transformer.ln_f.bias"] = f32(p["ln_f"]["bias"])
 
     hf_dir = Path(hf_dir)
-    hf_dir.mkdir(parents=True, exist_ok=True)
     eos = tokenizer.eos_id if tokenizer is not None else None
-    written = [hf_dir / "config.json", hf_dir / "model.safetensors"]
-    written[0].write_text(json.dumps(hf_config_from_model(model, n_vocab, eos), indent=2) + "\n")
-    # transformers refuses safetensors files whose metadata does not name the format.
-    safetensors.numpy.save_file(tensors, written[1], metadata={"format": "pt"})
-
+    names = ["config.json", "model.safetensors"]
     if tokenizer is None and isinstance(cfg, Config) and cfg.data.tokenizer == "gpt2":
         tokenizer = tokenizers.GPT2Tokenizer.bundled()
-    if isinstance(tokenizer, tokenizers.GPT2Tokenizer):
-        encoder_json, vocab_bpe = tokenizer.files
-        shutil.copyfile(encoder_json, hf_dir / "vocab.json")
-        shutil.copyfile(vocab_bpe, hf_dir / "merges.txt")
-        (hf_dir / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.block_size, "bos_token": tokenizers.EOS,
-             "eos_token": tokenizers.EOS, "unk_token": tokenizers.EOS, "add_prefix_space": False}, indent=2) + "\n")
-        written += [hf_dir / "vocab.json", hf_dir / "merges.txt", hf_dir / "tokenizer_config.json"]
-    elif tokenizer is not None:  # transformers cannot load it; kept so the folder converts back whole
-        tokenizer.save(hf_dir / JAXGPT_TOKENIZER_DIR)
-        written.append(hf_dir / JAXGPT_TOKENIZER_DIR)
+    with files.output_folder(hf_dir, "convert jaxgpt-to-hf", force, flag="--hf-dir") as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model, n_vocab, eos), indent=2) + "\n")
+        # transformers refuses safetensors files whose metadata does not name the format.
+        safetensors.numpy.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        if isinstance(tokenizer, tokenizers.GPT2Tokenizer):
+            encoder_json, vocab_bpe = tokenizer.files
+            shutil.copyfile(encoder_json, tmp / "vocab.json")
+            shutil.copyfile(vocab_bpe, tmp / "merges.txt")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.block_size,
+                 "bos_token": tokenizers.EOS, "eos_token": tokenizers.EOS, "unk_token": tokenizers.EOS,
+                 "add_prefix_space": False}, indent=2) + "\n")
+            names += ["vocab.json", "merges.txt", "tokenizer_config.json"]
+        elif tokenizer is not None:  # transformers cannot load it; kept so the folder converts back whole
+            tokenizer.save(tmp / JAXGPT_TOKENIZER_DIR)
+            names.append(JAXGPT_TOKENIZER_DIR)
+    written = [hf_dir / name for name in names]
     return written
 
 
-def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best") -> list[Path]:
+def export_hf(run_dir: str | Path, hf_dir: str | Path, checkpoint: str = "best", force: bool = False) -> list[Path]:
     """Write a trained run dir's checkpoint as an HF GPT-2 folder; returns the files written."""
     from jaxgpt.api import load
 
+    files.check_output_folder(hf_dir, "convert jaxgpt-to-hf", force, flag="--hf-dir")  # fail before loading
     lm = load(run_dir, checkpoint)
-    return params_to_hf(lm.cfg, lm.params, lm.tokenizer.vocab_size, hf_dir, tokenizer=lm.tokenizer)
+    return params_to_hf(lm.cfg, lm.params, lm.tokenizer.vocab_size, hf_dir, tokenizer=lm.tokenizer, force=force)

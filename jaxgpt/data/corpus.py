@@ -1,7 +1,7 @@
 """Tokenized corpus cache and the batch stream.
 
 The corpus is tokenized once, streamed document by document into flat integer files
-(`train.bin`, `val.bin`) under `data.cache_dir`, keyed by source and tokenizer, and read back
+(`train.bin`, `val.bin`) under `data.cache_dir`, keyed by the source's bytes and the tokenizer, and read back
 memory-mapped, so a corpus larger than RAM works. A batch is a set of random windows whose
 positions are a pure function of (seed, step): a resumed run sees exactly the batches the
 uninterrupted run would have, and each host reads only its rows of every global batch.
@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxgpt import files
 from jaxgpt.config import DataConfig
 from jaxgpt.data import sources
 from jaxgpt.data.tokenizers import Tokenizer
@@ -37,11 +38,43 @@ class Corpus:
 
 
 def cache_folder(cfg: DataConfig, tokenizer: Tokenizer) -> Path:
+    root = Path(os.path.expanduser(cfg.cache_dir)) / "tokens"
     key = json.dumps({"v": _FORMAT_VERSION, "source": cfg.source, "field": cfg.text_field,
                       "val": cfg.val_fraction, "max_docs": cfg.max_documents, "tfds_dir": cfg.tfds_data_dir,
-                      "tok": tokenizer.kind, "tok_fp": tokenizer.fingerprint()}, sort_keys=True)
+                      "tok": tokenizer.kind, "tok_fp": tokenizer.fingerprint(),
+                      "content": content_digest(sources.source_files(cfg), root.parent / "file_hashes.json")},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(os.path.expanduser(cfg.cache_dir)) / "tokens" / digest
+    return root / digest
+
+
+def content_digest(paths: list[str] | None, memo_file: Path) -> str | None:
+    """SHA-256 over the files' bytes, so an edited or a different same-named corpus gets its own cache.
+
+    Each file's hash is remembered in `memo_file` under its (size, mtime, ctime, inode): an unchanged file
+    is not read again."""
+    if paths is None:
+        return None
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}  # missing or damaged: it is only a memo
+    changed, digests = False, []
+    for path in paths:
+        st = os.stat(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        real = os.path.realpath(path)
+        if memo.get(real, [None])[0] != stamp:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            memo[real], changed = [stamp, h.hexdigest()], True
+        digests.append(memo[real][1])
+    if changed:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write_json(memo_file, memo, indent=None)
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def _write_split(docs: Iterator[tuple[str, str]], tokenizer: Tokenizer, path: Path, dtype) -> tuple[int, int]:

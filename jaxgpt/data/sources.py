@@ -6,10 +6,12 @@ assigned to validation, so no validation text leaks into training windows.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import importlib.util
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -78,15 +80,97 @@ def _read_text_file(path: str) -> str:
         raise JaxgptError(f"'{path}' is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
 
 
-def _files(pattern: str) -> Iterator[Document]:
+_SPECIAL = ("/proc", "/sys", "/dev")  # pseudo-filesystems: endless files, links back to / and devices
+
+
+def _regular(path: str, seen_files: set, out: list[str]) -> None:
+    """Add `path` if it is a regular file not seen before (two links to one file are read once)."""
+    real = os.path.realpath(path)
+    if real.startswith(tuple(s + "/" for s in _SPECIAL)) or real in _SPECIAL:
+        raise JaxgptError(f"data.source: '{path}' is on a special filesystem ({real}); copy the text into a "
+                          "regular folder")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise JaxgptError(f"data.source: cannot read '{path}' ({e.strerror}); remove the broken link") from None
+    if stat.S_ISDIR(st.st_mode):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise JaxgptError(f"data.source: '{path}' is not a regular file (a device, pipe or socket); "
+                          "point data.source at text files only")
+    if (st.st_dev, st.st_ino) not in seen_files:
+        seen_files.add((st.st_dev, st.st_ino))
+        out.append(path)
+
+
+def _walk(root: str, seen_files: set, out: list[str]) -> None:
+    """Files under `root` (hidden ones skipped), following symlinks; a folder reached twice is an error,
+    since a symlink loop would read the same text over and over into both splits."""
+    seen_dirs: dict[tuple[int, int], str] = {}
+
+    def visit(folder: str) -> None:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            raise JaxgptError(f"data.source: '{folder}' leads back to '{seen_dirs[st.st_dev, st.st_ino]}' (a symlink "
+                              "loop or a folder linked twice); remove the link")
+        seen_dirs[st.st_dev, st.st_ino] = folder
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.startswith("."):
+                continue
+            if os.path.isdir(path):
+                visit(path)
+            else:
+                _regular(path, seen_files, out)
+
+    _regular(root, seen_files, [])  # refuses special filesystems before walking
+    visit(root)
+
+
+def _matches(parts: list[str], pats: list[str]) -> bool:
+    """Glob matching of path components, `**` standing for any number of folders."""
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return _matches(parts, pats[1:]) or (bool(parts) and _matches(parts[1:], pats))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _matches(parts[1:], pats[1:])
+
+
+def local_files(pattern: str) -> list[str]:
+    """The regular files a file/folder/glob source names, each once, in a fixed order."""
     pattern = os.path.expanduser(pattern)
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    seen: set = set()
+    paths: list[str] = []
     if os.path.isdir(pattern):
-        paths = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p))
+        _walk(pattern, seen, paths)
+    elif "**" in pattern:  # glob's own ** follows symlink loops forever: walk safely, then match
+        parts = pattern.split(os.sep)
+        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        root = os.sep.join(parts[:fixed]) or ("/" if pattern.startswith(os.sep) else ".")
+        found: list[str] = []
+        if os.path.isdir(root):
+            _walk(root, seen, found)
+        paths = [p for p in found if _matches(os.path.relpath(p, root).split(os.sep), parts[fixed:])]
+    else:
+        for path in sorted(glob.glob(pattern)):
+            _regular(path, seen, paths)
     if not paths:
         raise JaxgptError(f"data.source '{pattern}' matches no files; give a text file, a folder or a glob")
-    for path in paths:
+    return sorted(paths)
+
+
+def _files(pattern: str) -> Iterator[Document]:
+    for path in local_files(pattern):
         yield path, _read_text_file(path)
+
+
+def source_files(cfg: DataConfig) -> list[str] | None:
+    """The files a source reads (for a content-keyed cache), or None when it is not made of local files."""
+    if cfg.source == "shakespeare":
+        return [str(p) for p in shakespeare_files()]
+    if cfg.source.startswith("tfds:"):
+        return None
+    return local_files(cfg.source.removeprefix("file:"))
 
 
 # ---- TFDS --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
+from jaxgpt import files
 from jaxgpt.errors import JaxgptError
 
 EOS = "<|endoftext|>"
@@ -104,7 +105,7 @@ class SentencePieceTokenizer:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "sentencepiece.model").write_bytes(self.model_bytes)
+        files.atomic_write_bytes(folder / "sentencepiece.model", self.model_bytes)
         _write_meta(folder, {"kind": self.kind, "model_file": "sentencepiece.model"})
 
     def fingerprint(self) -> str:
@@ -170,7 +171,7 @@ class GPT2Tokenizer:
 
 def _write_meta(folder: Path, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.json").write_text(json.dumps(meta, indent=1) + "\n")
+    files.atomic_write_json(folder / "tokenizer.json", meta)  # a crash never leaves it half-written
 
 
 def train(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -189,7 +190,10 @@ def load(folder: str | Path) -> Tokenizer:
     meta_file = folder / "tokenizer.json"
     if not meta_file.is_file():
         raise JaxgptError(f"no tokenizer in '{folder}' (missing tokenizer.json); is this a jaxgpt run dir?")
-    meta = json.loads(meta_file.read_text())
+    meta = files.read_json(meta_file, "restore it from a backup, or delete the tokenizer folder so training "
+                                      "fits it again (only before the first checkpoint)")
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise JaxgptError(f"'{meta_file}' is damaged (no 'kind'); restore it from a backup")
     if meta["kind"] == "char":
         return CharTokenizer(meta["chars"])
     if meta["kind"] == "sentencepiece":

@@ -6,6 +6,7 @@ policy keeps LatestN(1) and BestN(1) instead. Items: `params` and `meta` (step a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from jaxgpt.errors import JaxgptError
 class BestCheckpoints:
     def __init__(self, run_dir: str | Path, metric: str, mode: str, read_only: bool = False):
         self.folder = (Path(run_dir) / "checkpoints").absolute()
-        self.metric = metric
+        self.metric, self.mode = metric, mode
         get = self._value
         policy = pp.AnyPreservationPolicy([pp.LatestN(n=1), pp.BestN(get_metric_fn=get, reverse=mode == "min", n=1)])
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=not read_only, preservation_policy=policy,
@@ -26,7 +27,10 @@ class BestCheckpoints:
         self.mngr = ocp.CheckpointManager(self.folder, options=options, item_names=("params", "meta"))
 
     def _value(self, metrics: dict[str, float]) -> float:
-        return metrics[self.metric]
+        value = float(metrics[self.metric])
+        if math.isfinite(value):
+            return value
+        return math.inf if self.mode == "min" else -math.inf  # NaN must never rank as the best
 
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())

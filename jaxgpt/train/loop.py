@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
-from jaxgpt import distributed, rundir, sharding
+from jaxgpt import distributed, files, rundir, sharding
 from jaxgpt.config import Config, TrainConfig
 from jaxgpt.data import corpus
 from jaxgpt.errors import JaxgptError
@@ -119,10 +119,8 @@ class Trainer:
                 window_time += time.perf_counter() - t0
                 window_steps += 1
                 done = step + 1
-                if not math.isfinite(loss):
-                    raise JaxgptError(f"training loss became {loss} at step {done}; stopped without saving it "
-                                      f"(the run dir keeps its last good checkpoint). Lower train.lr or raise "
-                                      "train.warmup_steps, then run the same command to resume")
+                _check_finite(done, loss=loss, grad_norm=float(metrics["grad_norm"]),
+                              params=1.0 if bool(metrics.get("params_finite", True)) else math.nan)
                 if step == start and is_main:
                     # Only now, with a step that ran, does the run dir become a run: a failed start leaves no
                     # config.json to block the corrected command.
@@ -140,6 +138,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.0f}%")
                 if evaluate:
                     record["val_loss"] = self.evaluate(state["params"])
+                    _check_finite(done, val_loss=record["val_loss"])
                     summary["val_loss"] = record["val_loss"]
                 if record:
                     log.write(record)
@@ -160,6 +159,18 @@ class Trainer:
         return summary
 
 
+def _check_finite(done: int, **values: float) -> None:
+    """Stop before anything of a NaN/Inf step is logged or saved."""
+    bad = [f"{k} {v}" if k != "params" else "the updated parameters" for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise JaxgptError(f"training became non-finite at step {done} ({', '.join(bad)}); stopped without saving it "
+                          "(the run dir keeps its last good checkpoint). Lower train.lr or raise train.warmup_steps, "
+                          "then run the same command to resume")
+
+
 def train(cfg: Config | None, run_dir: str | Path) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; `cfg` None resumes with the saved config."""
-    return Trainer(cfg, run_dir).run()
+    if jax.process_index() != 0:  # one lock per run dir: process 0 holds it for all hosts
+        return Trainer(cfg, run_dir).run()
+    with files.RunDirLock(run_dir):
+        return Trainer(cfg, run_dir).run()

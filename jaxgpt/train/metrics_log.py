@@ -1,4 +1,7 @@
-"""Run metrics: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events, process 0 only."""
+"""Run metrics: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events, process 0 only.
+
+Each line is written whole with one append; a line cut off by a crash or a full disk is dropped on resume.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+
+from jaxgpt import files
 
 
 class MetricsLog:
@@ -26,16 +31,21 @@ class MetricsLog:
         # Lines past the checkpoint we resume from describe steps that will be run again.
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cut off mid-line (crash or full disk): that step is run and logged again
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        files.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         clean = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        files.append_line(self.path, json.dumps(clean))
         for key, value in clean.items():
             if key != "step" and isinstance(value, float) and math.isfinite(value):
                 self.tb.add_scalar(key, value, clean["step"])

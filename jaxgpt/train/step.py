@@ -57,9 +57,13 @@ def make_pretrain_step(model: GPT, tx: optax.GradientTransformation, lr_schedule
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
             loss, grads = jax.tree.map(lambda g: g / grad_accum, (loss, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state["step"])}
+        new_params = optax.apply_updates(params, updates)
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        grad_norm = optax.tree.norm(grads)
+        # The loop refuses to continue (or save) a step whose loss, gradients or new weights are NaN/Inf.
+        params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
+                   "params_finite": params_finite}
         return new_state, metrics
 
     return pretrain_step
