@@ -98,7 +98,7 @@ class Trainer:
         log = MetricsLog(self.run_dir, start)
         is_main = jax.process_index() == 0
         tokens_per_step = tc.batch_size * cfg.model.block_size
-        peak, _ = peak_flops_per_device()
+        peak, _ = peak_flops_per_device(config_lib.dtype_of(cfg.model.dtype))
         flops_per_step = flops_per_token(cfg.model) * tokens_per_step
         n_params = param_count(state["params"])
         if is_main:
