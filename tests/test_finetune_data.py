@@ -11,7 +11,7 @@ from jaxgpt.config import FinetuneConfig
 from jaxgpt.data.tokenizers import CharTokenizer
 from jaxgpt.errors import JaxgptError
 from jaxgpt.finetune import batches as batch_lib
-from jaxgpt.finetune.checkpoint import BestCheckpoints
+from jaxgpt.train.checkpoint import Checkpointer, restore_params
 from jaxgpt.finetune.data import load_task
 from jaxgpt.finetune.metrics import EarlyStopping, macro_f1, rouge_l
 
@@ -120,17 +120,18 @@ def test_early_stopping_stops_at_the_right_evaluation():
 
 
 def test_best_checkpoint_is_selected_and_latest_kept(tmp_path):
-    ckpt = BestCheckpoints(tmp_path, "macro_f1", "max")
-    for step, f1 in [(10, 0.5), (20, 0.8), (30, 0.6), (40, 0.7)]:
-        ckpt.save(step, {"w": jnp.full((3,), float(step))}, {"loss": 1.0, "macro_f1": f1})
+    def state(value):
+        return {"step": jnp.zeros((), jnp.int32), "params": {"w": jnp.full((3,), value)}, "opt_state": {"count": jnp.zeros((), jnp.int32)}}
+
+    ckpt = Checkpointer(tmp_path, "val_macro_f1", "max")
+    for step, f1 in [(10, 0.5), (20, 0.8), (30, float("nan")), (40, 0.7)]:
+        ckpt.save(step, state(float(step)), {"val_loss": 1.0, "val_macro_f1": f1})
     ckpt.close()
-    reader = BestCheckpoints(tmp_path, "macro_f1", "max", read_only=True)
-    assert reader.best_step() == 20 and reader.steps() == [20, 40]
-    params, meta = reader.restore({"w": jnp.zeros((3,))})
-    assert meta["step"] == 20 and meta["macro_f1"] == 0.8 and float(params["w"][0]) == 20.0
-    reader.close()
-    by_loss = BestCheckpoints(tmp_path / "loss", "loss", "min")
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 30, 40]
+    params, step = restore_params(tmp_path, {"w": jnp.zeros((3,))})  # ranked as the writer ranked: by macro-F1
+    assert step == 20 and float(params["w"][0]) == 20.0
+    by_loss = Checkpointer(tmp_path / "loss", "val_loss", "min")
     for step, loss in [(1, 2.0), (2, 1.5), (3, 1.7)]:
-        by_loss.save(step, {"w": jnp.zeros(1)}, {"loss": loss})
+        by_loss.save(step, state(float(step)), {"val_loss": loss})
+    assert by_loss.best_step() == 2
     by_loss.close()
-    assert BestCheckpoints(tmp_path / "loss", "loss", "min", read_only=True).best_step() == 2

@@ -192,6 +192,8 @@ class ActiveLearner:
             shutil.rmtree(run_dir)  # a round cut short before it was recorded starts over
         t, labelled = self.task, self.labelled_examples()
         summary = FineTuner(self.cfg, run_dir, TaskData(t.task, labelled, t.val, t.test, t.labels)).run()
+        if summary.get("stopped_by"):
+            return {}  # cut short: the caller sees the stop request and does not record this round
         logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         best = next(rec for rec in logged if rec.get("step") == summary["best_step"] and "val_loss" in rec)
         out = {k: best[k] for k in ("val_loss", "val_accuracy", "val_macro_f1")}

@@ -16,11 +16,10 @@ from jaxgpt import rundir
 from jaxgpt.config import Config
 from jaxgpt.data import tokenizers
 from jaxgpt.finetune.batches import encode, eval_batches
-from jaxgpt.finetune.checkpoint import BestCheckpoints
 from jaxgpt.finetune.data import Example
 from jaxgpt.finetune.heads import class_logits, init_head
-from jaxgpt.finetune.metrics import selection_metric
 from jaxgpt.model import init_params
+from jaxgpt.train.checkpoint import restore_params
 
 
 def load_params(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Any, dict]:
@@ -37,13 +36,8 @@ def load_params(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, 
         return params
 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), jax.eval_shape(shapes))
-    metric, mode = selection_metric(cfg.finetune.task, cfg.finetune.metric)
-    ckpt = BestCheckpoints(run_dir, metric, mode, read_only=True)
-    try:
-        params, meta = ckpt.restore(abstract, checkpoint)
-    finally:
-        ckpt.close()
-    return cfg, params, meta
+    params, step = restore_params(run_dir, abstract, checkpoint)
+    return cfg, params, {"step": step}
 
 
 class Classifier:

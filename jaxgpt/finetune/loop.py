@@ -2,14 +2,14 @@
 
 A fine-tune run dir holds config.json (the pretrained model's config plus `train.*` and `finetune.*`),
 tokenizer/ (copied), chat_template.json (SFT: the dialogue format it was trained in), checkpoints/
-(latest and best by the selection metric), metrics.jsonl and, at the end, test_metrics.json for the best
-checkpoint.
+(the latest two and the best by the selection metric, with optimizer, early-stopping and plateau state),
+metrics.jsonl and, at the end, test_metrics.json for the best checkpoint. Running the same command again on
+an interrupted run dir continues it; the resumed metrics equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
 from jaxgpt import conversation, rundir, sharding
@@ -28,14 +27,12 @@ from jaxgpt.errors import JaxgptError
 from jaxgpt.finetune import batches as batch_lib
 from jaxgpt.finetune import evaluate as eval_lib
 from jaxgpt.finetune import optim, step as step_lib
-from jaxgpt.finetune.checkpoint import BestCheckpoints
 from jaxgpt.finetune.data import TaskData, describe, load_task
 from jaxgpt.finetune.heads import POOLINGS, init_head
 from jaxgpt.finetune.metrics import EarlyStopping, selection_metric
 from jaxgpt.model import init_params, validate
-from jaxgpt.train.checkpoint import restore_params
-from jaxgpt.train.signals import StopRequest
-from jaxgpt.train.metrics_log import MetricsLog
+from jaxgpt.train import runner
+from jaxgpt.train.checkpoint import Checkpointer, restore_params
 
 # Model keys a fine-tune may change; the architecture comes from the pretrained run.
 MODEL_KEYS = ("dropout", "lora_rank", "lora_alpha", "lora_targets", "dtype", "remat", "attention")
@@ -108,18 +105,34 @@ def check(cfg: Config) -> None:
                           "finetune.max_len (0 means the whole context)")
 
 
+def _check_resumable(run_dir: Path, cfg: Config) -> None:
+    """Running again on a fine-tune run dir continues it, with the same task and settings (train.* may change)."""
+    saved_file = rundir.config_path(run_dir)
+    if not saved_file.is_file():
+        return
+    saved = config_lib.load_json(saved_file)
+    if not saved.finetune.task:
+        raise JaxgptError(f"'{run_dir}' is a pretrained run dir, not a fine-tune; pass a new --run-dir")
+    rundir.resolve_config(run_dir, cfg)  # model, data and seed
+    for name in ("init_from", "source", "from_scratch", "freeze", "pooling", "metric", "max_len"):
+        a, b = getattr(saved.finetune, name), getattr(cfg.finetune, name)
+        if a != b:
+            raise JaxgptError(f"run dir '{run_dir}' was started with finetune.{name}={a!r}, not {b!r}; use the same "
+                              "value to resume or a new --run-dir")
+
+
 class FineTuner:
     def __init__(self, cfg: Config, run_dir: str | Path, task: TaskData | None = None):
-        """`task`: already loaded task data (e.g. a labelled subset); by default read from cfg.finetune."""
+        """`task`: already loaded task data (e.g. a labelled subset); by default read from cfg.finetune.
+        A run dir that holds an interrupted fine-tune is continued."""
         self.run_dir = Path(run_dir)
-        if (self.run_dir / "checkpoints").is_dir() and any((self.run_dir / "checkpoints").iterdir()):
-            raise JaxgptError(f"'{run_dir}' already holds a fine-tune; pass a new --run-dir")
         check(cfg)
         validate(cfg.model)
         self.tok = tokenizers.load(Path(cfg.finetune.init_from) / "tokenizer")
         self.task = task or load_task(cfg.finetune)
         ft = cfg.finetune
         cfg = config_lib.replace(cfg, **{"finetune.task": self.task.task, "finetune.labels": ",".join(self.task.labels)})
+        _check_resumable(self.run_dir, cfg)
         self.cfg = cfg
         self.max_len = ft.max_len or cfg.model.block_size
         self.metric, self.mode = selection_metric(self.task.task, ft.metric)
@@ -137,75 +150,106 @@ class FineTuner:
         self.mesh = sharding.make_mesh(cfg.mesh)
 
     def run(self) -> dict[str, Any]:
+        with runner.lock(self.run_dir):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg, ft, tc, task = self.cfg, self.cfg.finetune, self.cfg.train, self.task
-        init_rng, dropout_rng = jax.random.split(jax.random.key(cfg.seed))
+        init_rng, self.dropout_rng = jax.random.split(jax.random.key(cfg.seed))
         params = initial_params(cfg, len(task.labels), init_rng)
         trainable = optim.trainable_tree(params, cfg.model, ft)
         tx, lr_schedule = optim.make_optimizer(tc, cfg.model, ft, params, trainable)
         class_w = _class_weights(ft.class_weights, task.labels, self.enc["train"].label_N) if task.task == "classify" \
             else np.ones(1, np.float32)
-        steps = step_lib.build(cfg.model, task.task, ft.pooling, class_w, tx, lr_schedule, trainable, self.mesh)
+        self.steps = step_lib.build(cfg.model, task.task, ft.pooling, class_w, tx, lr_schedule, trainable, self.mesh)
         n_train, n_total = optim.count(params, trainable)
         print(f"jaxgpt finetune: {task.task} on {ft.source} ({len(task.train)} train / {len(task.val)} val / "
               f"{len(task.test)} test), {n_train / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trainable "
               f"({100 * n_train / n_total:.2f}%), selecting by val {self.metric}")
-        plateau = optax.contrib.reduce_on_plateau(factor=ft.plateau_factor, patience=ft.plateau_patience) \
+        self.plateau = optax.contrib.reduce_on_plateau(factor=ft.plateau_factor, patience=ft.plateau_patience) \
             if ft.plateau_factor > 0 else None
-        plateau_state = plateau.init({}) if plateau else None
-        stopper = EarlyStopping(ft.patience, ft.min_delta, self.mode)
-        ckpt = BestCheckpoints(self.run_dir, self.metric, self.mode)
-        log = MetricsLog(self.run_dir, 0)
-        stream = batch_lib.train_batches(self.enc["train"], tc.batch_size, self.max_len, self.tok.eos_id, cfg.seed)
-        lr_scale = 1.0
+        self.plateau_state = self.plateau.init({}) if self.plateau else None
+        self.stopper = EarlyStopping(ft.patience, ft.min_delta, self.mode)
+        self.early_stopped = False
         summary: dict[str, Any] = {"trainable_params": n_train, "total_params": n_total}
-        bar = tqdm(total=tc.steps, disable=not tc.progress, dynamic_ncols=True)
         t_start = time.perf_counter()
+        ckpt = Checkpointer(self.run_dir, f"val_{self.metric}", self.mode)
         try:
-            with jax.set_mesh(self.mesh), step_lib.rules(), StopRequest() as interrupt:
-                state = step_lib.init_state(params, tx, steps.param_shardings)
-                for done in range(1, tc.steps + 1):
-                    state, m = steps.step(state, steps.put_batch(next(stream)), dropout_rng, np.float32(lr_scale))
-                    loss = float(m["loss"])
-                    if not math.isfinite(loss):
-                        raise JaxgptError(f"fine-tune loss became {loss} at step {done}; lower train.lr")
-                    record: dict[str, Any] = {}
-                    if done % tc.log_every == 0:
-                        record = {"step": done, "train_loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
-                        bar.set_postfix(loss=f"{loss:.3f}")
-                    stop = False
-                    # SIGTERM/Ctrl-C: evaluate and save this step, then finish as an early stop would.
-                    interrupted = interrupt.requested  # read once: a signal may land mid-iteration
-                    if done % tc.eval_every == 0 or done == tc.steps or interrupted:
-                        val = eval_lib.evaluate(self.cfg, steps.eval, state["params"], task, "val", self.enc["val"],
-                                                self.tok, self.max_len, steps.put_batch,
-                                                self.template)
-                        record.update({"step": done, **{f"val_{k}": v for k, v in val.items()}})
-                        ckpt.save(done, state["params"], val)
-                        stop = stopper.update(val[self.metric], done)
-                        if plateau:
-                            _, plateau_state = plateau.update({}, plateau_state, value=val["loss"])
-                            lr_scale = float(plateau_state.scale)
-                    if record:
-                        log.write(record)
-                        summary.update(record)
-                    bar.update(1)
-                    if interrupted:
-                        print(f"\n{interrupt.signal_name}: stopped at step {done}; reporting the best checkpoint")
-                        break
-                    if stop:
-                        print(f"\nearly stop at step {done}: val {self.metric} has not improved by more than "
-                              f"{ft.min_delta} for {ft.patience} evaluations (best {stopper.best:.4f} at step "
-                              f"{stopper.best_step})")
-                        break
+            with jax.set_mesh(self.mesh), step_lib.rules():
+                state = step_lib.init_state(params, tx, self.steps.param_shardings)
+                abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+                restored = ckpt.restore_latest(abstract)
+                if restored is not None:
+                    state = restored
+                    self.load_loop_state(ckpt.loop_state)
+                start = int(state["step"])
+                if start:
+                    print(f"jaxgpt finetune: resuming from step {start}")
+                out = None
+                if start < tc.steps and not self.early_stopped:
+                    self.stream = batch_lib.train_batches(self.enc["train"], tc.batch_size, self.max_len,
+                                                          self.tok.eos_id, cfg.seed, start)
+                    out = runner.run(_FineTuning(self), state, start, runner.Cadence.of(tc, save_on_eval=True),
+                                     ckpt, self.run_dir, progress=tc.progress)
+                    summary.update(out.summary)
         finally:
-            bar.close()
-            log.close()
             ckpt.close()
-        summary.update(step=done, best_step=stopper.best_step, best_val=stopper.best,
+        summary.update(step=out.step if out else start, best_step=self.stopper.best_step, best_val=self.stopper.best,
                        seconds=round(time.perf_counter() - t_start, 1))
-        if task.test:
+        if out and out.stopped_by:
+            summary["stopped_by"] = out.stopped_by  # unfinished: the test split waits for the resumed run's best
+        elif task.test:
             summary["test"] = evaluate_run(self.run_dir, "test", task=task)
         return summary
+
+    def loop_state(self) -> dict[str, Any]:
+        plateau = [np.asarray(x).item() for x in jax.tree.leaves(self.plateau_state)] if self.plateau else None
+        return {"best": self.stopper.best, "best_step": self.stopper.best_step, "bad_evals": self.stopper.bad_evals,
+                "plateau": plateau, "early_stopped": self.early_stopped}
+
+    def load_loop_state(self, saved: dict[str, Any]) -> None:
+        if not saved:
+            return
+        self.stopper.best, self.stopper.best_step, self.stopper.bad_evals = \
+            saved["best"], saved["best_step"], saved["bad_evals"]
+        self.early_stopped = saved["early_stopped"]
+        if self.plateau and saved["plateau"] is not None:
+            leaves, tree = jax.tree.flatten(self.plateau_state)
+            self.plateau_state = jax.tree.unflatten(tree, [jax.numpy.asarray(v, np.asarray(x).dtype)
+                                                           for v, x in zip(saved["plateau"], leaves)])
+
+
+class _FineTuning(runner.Mode):
+    """Batches, dropout and the LR scale are functions of (seed, step) and the saved loop state."""
+
+    def __init__(self, ft: FineTuner):
+        self.ft = ft
+
+    def step(self, state, step: int):
+        ft = self.ft
+        lr_scale = np.float32(ft.plateau_state.scale) if ft.plateau else np.float32(1.0)
+        state, m = ft.steps.step(state, ft.steps.put_batch(next(ft.stream)), ft.dropout_rng, lr_scale)
+        return state, {"train_loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
+
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        ft = self.ft
+        val = eval_lib.evaluate(ft.cfg, ft.steps.eval, state["params"], ft.task, "val", ft.enc["val"], ft.tok,
+                                ft.max_len, ft.steps.put_batch, ft.template)
+        return {f"val_{k}": v for k, v in val.items()}
+
+    def after_eval(self, record: dict[str, Any], step: int) -> str | None:
+        ft, settings = self.ft, self.ft.cfg.finetune
+        stop = ft.stopper.update(record[f"val_{ft.metric}"], step)
+        if ft.plateau:
+            _, ft.plateau_state = ft.plateau.update({}, ft.plateau_state, value=record["val_loss"])
+        if not stop:
+            return None
+        ft.early_stopped = True
+        return (f"early stop at step {step}: val {ft.metric} has not improved by more than {settings.min_delta} for "
+                f"{settings.patience} evaluations (best {ft.stopper.best:.4f} at step {ft.stopper.best_step})")
+
+    def loop_state(self) -> dict[str, Any]:
+        return self.ft.loop_state()
 
 
 def finetune(cfg: Config, run_dir: str | Path) -> dict[str, Any]:

@@ -1,7 +1,10 @@
-"""Orbax checkpoints in `RUN_DIR/checkpoints`: async saves, the latest two and the best by validation loss.
+"""Orbax checkpoints in `RUN_DIR/checkpoints`: async saves, the latest two and the best by one metric.
 
-Items per step: `params`, `opt_state` (so inference can restore params alone) and `meta` (JSON: step,
-val_loss and the SHA-256 of every array's bytes). A checkpoint that fails to restore or whose arrays do
+Every training mode uses this one checkpointer; the metric and its direction ("val_loss"/min for pretraining,
+the selection metric for a fine-tune, "eval_reward"/max for GRPO) are written to `checkpoints/selection.json`,
+so readers rank checkpoints as the writer did. Items per step: `params`, `opt_state` (so inference can
+restore params alone) and `meta` (JSON: step, the step's metrics, the loop's own state such as early-stopping
+counters, and the SHA-256 of every array's bytes). A checkpoint that fails to restore or whose arrays do
 not match their checksums is moved aside to `RUN_DIR/corrupt_checkpoints/` and the previous good one is
 used, with a warning; when none is good, resuming stops with an error instead of starting over.
 """
@@ -9,6 +12,7 @@ used, with a warning; when none is good, resuming stops with an error instead of
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import warnings
@@ -20,12 +24,29 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxgpt import files
 from jaxgpt.errors import JaxgptError
 
+SELECTION_FILE = "selection.json"
 
-def _val_loss(metrics: dict) -> float:
-    value = float(metrics["val_loss"])
-    return value if math.isfinite(value) else math.inf  # NaN compares as best otherwise
+
+def _ranker(metric: str, mode: str):
+    def value(metrics: dict) -> float:
+        v = float(metrics.get(metric, math.nan))
+        if math.isfinite(v):
+            return v
+        return math.inf if mode == "min" else -math.inf  # NaN (or a step saved without it) never ranks best
+
+    return value
+
+
+def read_selection(folder: Path) -> tuple[str, str]:
+    """(metric, 'min' or 'max') the checkpoints in `folder` are ranked by; val_loss/min for older run dirs."""
+    path = folder / SELECTION_FILE
+    if not path.is_file():
+        return "val_loss", "min"
+    chosen = json.loads(path.read_text())
+    return chosen["metric"], chosen["mode"]
 
 
 def checksums(tree) -> dict[str, str] | None:
@@ -54,29 +75,46 @@ def _damage(error: Exception) -> str:
 
 
 def _manager(folder: Path, read_only: bool = False) -> ocp.CheckpointManager:
-    # LatestN(2) keeps a fallback when the newest is damaged; BestN keeps the best by val loss.
-    policy = pp.AnyPreservationPolicy([pp.LatestN(n=2), pp.BestN(get_metric_fn=_val_loss, reverse=True, n=1)])
+    # LatestN(2) keeps a fallback when the newest is damaged; BestN keeps the best by the selection metric.
+    metric, mode = read_selection(folder)
+    best = _ranker(metric, mode)
+    policy = pp.AnyPreservationPolicy([pp.LatestN(n=2), pp.BestN(get_metric_fn=best, reverse=mode == "min", n=1)])
     options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=True, preservation_policy=policy, best_fn=_val_loss, best_mode="min",
+        enable_async_checkpointing=True, preservation_policy=policy, best_fn=best, best_mode=mode,
         create=not read_only)
     return ocp.CheckpointManager(folder.absolute(), options=options, item_names=("params", "opt_state", "meta"))
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path):
-        self.folder = Path(run_dir) / "checkpoints"
-        self.mngr = _manager(self.folder)
+    """Saves train states {"step", "params", "opt_state"} ranked by `metric` (`mode` 'min' or 'max')."""
 
-    def save(self, step: int, state: dict[str, Any], val_loss: float) -> None:
+    def __init__(self, run_dir: str | Path, metric: str = "val_loss", mode: str = "min"):
+        self.folder = Path(run_dir) / "checkpoints"
+        self.metric, self.mode = metric, mode
+        if read_selection(self.folder) != (metric, mode) and jax.process_index() == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            files.atomic_write_text(self.folder / SELECTION_FILE, json.dumps({"metric": metric, "mode": mode}) + "\n")
+        self.mngr = _manager(self.folder)
+        self.loop_state: dict[str, Any] = {}  # the restored checkpoint's loop state (early stopping, ...)
+
+    def save(self, step: int, state: dict[str, Any], metrics: dict[str, float],
+             loop_state: dict[str, Any] | None = None) -> None:
+        """Save `state` with its step's `metrics` (which should hold the selection metric) and the loop's state."""
+        clean = {k: float(v) for k, v in metrics.items() if k != "step" and not isinstance(v, str)}
         sums = {"params": checksums(state["params"]), "opt_state": checksums(state["opt_state"])}
         self.mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             opt_state=ocp.args.StandardSave(state["opt_state"]),
-            meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss, "sha256": sums})),
-            metrics={"val_loss": val_loss}, force=True)
+            meta=ocp.args.JsonSave({"step": step, **clean, "loop": loop_state or {}, "sha256": sums})),
+            metrics=clean, force=True)
+
+    def best_step(self) -> int | None:
+        self.mngr.wait_until_finished()
+        return self.mngr.best_step()
 
     def restore_latest(self, abstract_state: dict[str, Any]) -> dict[str, Any] | None:
-        """The newest good state (shardings from `abstract_state`), or None for a fresh run.
+        """The newest good state (shardings from `abstract_state`), or None for a fresh run; its loop state
+        goes to `self.loop_state`.
 
         Raises when checkpoints were written but none is good: training never silently starts over."""
         damage = []
@@ -96,6 +134,7 @@ class Checkpointer:
                 self._quarantine(step, bad)
                 continue
             step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), abstract_state["step"].sharding)
+            self.loop_state = dict(restored.meta).get("loop") or {}
             return {"step": step_array, "params": restored.params, "opt_state": restored.opt_state}
         aside = self.folder.parent / "corrupt_checkpoints"
         if damage or (aside.is_dir() and any(aside.iterdir())):
@@ -135,7 +174,7 @@ def parse_which(which: str | int) -> str | int:
 
 
 def restore_params(run_dir: str | Path, abstract_params, which: str = "best") -> tuple[Any, int]:
-    """Parameters only, for inference: `which` is 'best' (lowest val loss), 'latest' or a step number.
+    """Parameters only, for inference: `which` is 'best' (by the run's selection metric), 'latest' or a step.
 
     A damaged 'best' or 'latest' falls back, with a warning, to the newest good one; the run dir is only read."""
     which = parse_which(which)

@@ -7,18 +7,15 @@ dropout are pure functions of (seed, step), the resumed run reproduces the unint
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
-from jaxgpt import distributed, files, rundir, sharding
+from jaxgpt import distributed, rundir, sharding
 from jaxgpt.config import Config, TrainConfig
 from jaxgpt.data import corpus
 from jaxgpt.errors import JaxgptError
@@ -26,9 +23,7 @@ from jaxgpt.model import flops_per_token, param_count, validate
 from jaxgpt.perf import peak_flops_per_device
 from jaxgpt.precision import describe_auto
 from jaxgpt.train.checkpoint import Checkpointer
-from jaxgpt.train.metrics_log import MetricsLog
-from jaxgpt.train import sharded
-from jaxgpt.train.signals import StopRequest
+from jaxgpt.train import runner, sharded
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -80,7 +75,7 @@ class Trainer:
         tc = self.cfg.train
         ckpt = Checkpointer(self.run_dir)
         try:
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES), StopRequest() as stop:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
                 state = ckpt.restore_latest(self.fns.abstract_state)
                 if state is None:
                     state = self.fns.init(self.init_rng)
@@ -89,88 +84,53 @@ class Trainer:
                     print(f"run dir already trained to step {start} (train.steps={tc.steps}); "
                           "raise train.steps to continue")
                     return {"step": start}
-                return self._loop(state, start, ckpt, stop)
+                n_params = param_count(state["params"])
+                if jax.process_index() == 0:
+                    print(f"jaxgpt: {n_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
+                          f"steps {start}->{tc.steps}, {tc.batch_size * self.cfg.model.block_size} tokens/step")
+                    if self.cfg.model.dtype == "auto":
+                        print(f"jaxgpt: {describe_auto()}")
+                out = runner.run(Pretraining(self, start), state, start, runner.Cadence.of(tc), ckpt, self.run_dir,
+                                 progress=tc.progress)
+                return {**out.summary, "params": n_params}
         finally:
             ckpt.close()
 
-    def _loop(self, state, start: int, ckpt: Checkpointer, stop: StopRequest) -> dict[str, Any]:
-        cfg, tc = self.cfg, self.cfg.train
-        log = MetricsLog(self.run_dir, start)
-        is_main = jax.process_index() == 0
-        tokens_per_step = tc.batch_size * cfg.model.block_size
-        peak, _ = peak_flops_per_device(config_lib.dtype_of(cfg.model.dtype))
-        flops_per_step = flops_per_token(cfg.model) * tokens_per_step
-        n_params = param_count(state["params"])
-        if is_main:
-            print(f"jaxgpt: {n_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
-                  f"steps {start}->{tc.steps}, {tokens_per_step} tokens/step")
-            if cfg.model.dtype == "auto":
-                print(f"jaxgpt: {describe_auto()}")
-        bar = tqdm(total=tc.steps, initial=start, disable=not (tc.progress and is_main), dynamic_ncols=True)
-        stream = corpus.batch_stream(self.train_batches, start, tc.steps)
-        summary: dict[str, Any] = {"step": start}
-        window_time, window_steps = 0.0, 0
-        try:
-            for step in range(start, tc.steps):
-                t0 = time.perf_counter()
-                batch = sharding.global_batch(next(stream), self.mesh, tc.batch_size)
-                state, metrics = self.fns.step(state, batch, self.dropout_rng)
-                loss = float(metrics["loss"])  # one host sync per step also guards against NaN at once
-                window_time += time.perf_counter() - t0
-                window_steps += 1
-                done = step + 1
-                _check_finite(done, loss=loss, grad_norm=float(metrics["grad_norm"]),
-                              params=1.0 if bool(metrics.get("params_finite", True)) else math.nan)
-                if step == start and is_main:
-                    # Only now, with a step that ran, does the run dir become a run: a failed start leaves no
-                    # config.json to block the corrected command.
-                    config_lib.save_json(cfg, rundir.config_path(self.run_dir))
-                stopping = distributed.any_process(stop.requested)
-                is_last = done == tc.steps or stopping
-                evaluate = done % tc.eval_every == 0 or done % tc.save_every == 0 or is_last
-                record: dict[str, Any] = {}
-                if done % tc.log_every == 0 or evaluate:
-                    tps = window_steps * tokens_per_step / window_time
-                    record = {"step": done, "train_loss": loss, "lr": float(metrics["lr"]),
-                              "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tps,
-                              "mfu": flops_per_step * window_steps / window_time / (peak * jax.device_count())}
-                    window_time, window_steps = 0.0, 0
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * record['mfu']:.0f}%")
-                if evaluate:
-                    record["val_loss"] = self.evaluate(state["params"])
-                    _check_finite(done, val_loss=record["val_loss"])
-                    summary["val_loss"] = record["val_loss"]
-                if record:
-                    log.write(record)
-                    summary.update(record)
-                if done % tc.save_every == 0 or is_last:
-                    ckpt.save(done, state, record["val_loss"])
-                bar.update(1)
-                if stopping:
-                    if is_main:
-                        print(f"\n{stop.signal_name or 'stop on another host'}: saved step {done}; "
-                              "run the same command to resume")
-                    break
-        finally:
-            bar.close()
-            log.close()
-        summary["step"] = done
-        summary["params"] = n_params
-        return summary
 
+class Pretraining(runner.Mode):
+    """Batches and dropout are functions of (seed, step): a resumed run reproduces the uninterrupted one."""
 
-def _check_finite(done: int, **values: float) -> None:
-    """Stop before anything of a NaN/Inf step is logged or saved."""
-    bad = [f"{k} {v}" if k != "params" else "the updated parameters" for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise JaxgptError(f"training became non-finite at step {done} ({', '.join(bad)}); stopped without saving it "
-                          "(the run dir keeps its last good checkpoint). Lower train.lr or raise train.warmup_steps, "
-                          "then run the same command to resume")
+    postfix = ("train_loss",)
+
+    def __init__(self, trainer: Trainer, start: int):
+        self.t, tc, model = trainer, trainer.cfg.train, trainer.cfg.model
+        self.stream = corpus.batch_stream(trainer.train_batches, start, tc.steps)
+        self.tokens_per_step = tc.batch_size * model.block_size
+        self.flops_per_step = flops_per_token(model) * self.tokens_per_step
+        self.peak = peak_flops_per_device(config_lib.dtype_of(model.dtype))[0] * jax.device_count()
+
+    def step(self, state, step: int):
+        batch = sharding.global_batch(next(self.stream), self.t.mesh, self.t.cfg.train.batch_size)
+        state, m = self.t.fns.step(state, batch, self.t.dropout_rng)
+        # One host sync per step also lets the runner refuse a NaN at once.
+        return state, {"train_loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                       "params_finite": bool(m.get("params_finite", True))}
+
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        return {"val_loss": self.t.evaluate(state["params"])}
+
+    def started(self) -> None:
+        # Only now, with a step that ran, does the run dir become a run: a failed start leaves no config.json
+        # to block the corrected command.
+        if jax.process_index() == 0:
+            config_lib.save_json(self.t.cfg, rundir.config_path(self.t.run_dir))
+
+    def speed(self, seconds_per_step: float) -> dict[str, float]:
+        return {"tokens_per_sec": self.tokens_per_step / seconds_per_step,
+                "mfu": self.flops_per_step / seconds_per_step / self.peak}
 
 
 def train(cfg: Config | None, run_dir: str | Path) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; `cfg` None resumes with the saved config."""
-    if jax.process_index() != 0:  # one lock per run dir: process 0 holds it for all hosts
-        return Trainer(cfg, run_dir).run()
-    with files.RunDirLock(run_dir):
+    with runner.lock(run_dir):
         return Trainer(cfg, run_dir).run()

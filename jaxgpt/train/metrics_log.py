@@ -1,6 +1,6 @@
 """Run metrics: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events, process 0 only.
 
-Each line is written whole with one append; a line cut off by a crash or a full disk is dropped on resume.
+The one JSONL logger of every mode (RL also logs its held-out samples through it, without TensorBoard). Each line is written whole with one append; a line cut off by a crash or a full disk is dropped on resume.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from jaxgpt import files
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int):
+    def __init__(self, run_dir: Path, resume_step: int, name: str = "metrics.jsonl", tensorboard: bool = True):
+        """Lines of steps after `resume_step` are dropped (-1 drops them all)."""
         self.enabled = jax.process_index() == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / name
         self.tb = None
         if not self.enabled:
             return
         self._truncate_after(resume_step)
+        if not tensorboard:
+            return
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
@@ -46,6 +49,8 @@ class MetricsLog:
             return
         clean = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in record.items()}
         files.append_line(self.path, json.dumps(clean))
+        if self.tb is None:
+            return
         for key, value in clean.items():
             if key != "step" and isinstance(value, float) and math.isfinite(value):
                 self.tb.add_scalar(key, value, clean["step"])
