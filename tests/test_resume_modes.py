@@ -1,0 +1,97 @@
+"""Every training mode is as durable as pretraining: kill -9 at several points of `jaxgpt finetune`, `jaxgpt rl`
+and `jaxgpt dpo`, then the same command again: the run finishes, and every logged metric of the resumed
+steps equals an uninterrupted run's, bit for bit (CPU)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jaxgpt.cli import main
+
+# `jaxgpt ARGS...` that SIGKILLs itself at step `kill_at`: right after that step's save started ("save"), after
+# its metrics line ("step"), or halfway through writing that line ("mid-line").
+DRIVER = textwrap.dedent("""
+    import json, os, signal, sys
+    from jaxgpt.cli import main
+    from jaxgpt.train import checkpoint, metrics_log
+
+    args, kill_at, where = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    save, write = checkpoint.Checkpointer.save, metrics_log.MetricsLog.write
+
+    def killing_save(self, step, *rest):
+        save(self, step, *rest)  # the async write is now in flight
+        if step == kill_at and where == "save":
+            die()
+
+    def killing_write(self, record):
+        mine = record.get("step") == kill_at and self.path.name.endswith("metrics.jsonl")
+        if mine and where == "mid-line":
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record)[:25])
+            die()
+        write(self, record)
+        if mine and where == "step":
+            die()
+
+    checkpoint.Checkpointer.save, metrics_log.MetricsLog.write = killing_save, killing_write
+    sys.exit(main(args))
+""")
+
+TIMING = ("sec", "tokens_per_sec", "mfu")
+
+
+def rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
+
+
+def kill_then_resume(args, run_dir, plan, metrics_file):
+    """Run `args` killed at each (step, where) of `plan`, then once more to the end: (metrics rows, its stdout)."""
+    for kill_at, where in plan + [(-1, "never")]:
+        proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args), str(kill_at), where],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        expected = 0 if where == "never" else -signal.SIGKILL
+        assert proc.returncode == expected, f"{kill_at} {where}: {proc.stderr[-2000:]}"
+    return rows(run_dir / metrics_file), proc.stdout
+
+
+def assert_same(resumed, reference):
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for got, want in zip(resumed, reference):
+        assert got.keys() == want.keys(), got["step"]
+        for key in want:  # bit-exact: the same floats, NaN only where the reference has NaN
+            assert got[key] == want[key] or (math.isnan(got[key]) and math.isnan(want[key])), (got["step"], key)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, train_tiny):
+    root = tmp_path_factory.mktemp("resume")
+    train_tiny(root / "pre", {"train.steps": 2, "train.batch_size": 8, "train.eval_every": 2, "train.save_every": 2})
+    return root
+
+
+def test_finetune_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path):
+    data = tmp_path / "train.jsonl"
+    words = {"pos": ["good", "fine", "great", "nice"], "neg": ["bad", "poor", "awful", "sad"]}
+    data.write_text("".join(json.dumps({"text": f"it was {words[lab][i % 4]} and {words[lab][i % 3]}", "label": lab})
+                            + "\n" for i in range(48) for lab in ["pos" if i % 3 else "neg"]))
+    # Unfreezing (multi_transform), plateau LR scaling, early-stopping counters and dropout all carry across.
+    args = ["finetune", "--init-from", str(pretrained / "pre"), f"finetune.source={data}", "finetune.task=classify",
+            "finetune.max_len=16", "finetune.unfreeze_every=3", "finetune.plateau_factor=0.5",
+            "finetune.plateau_patience=1", "finetune.patience=100", "model.dropout=0.1", "train.steps=12",
+            "train.batch_size=8", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=2", "train.log_every=1",
+            "train.progress=false"]
+    assert main(args + ["--run-dir", str(tmp_path / "reference")]) == 0
+    reference = rows(tmp_path / "reference" / "metrics.jsonl")
+    run_dir = tmp_path / "killed"
+    resumed, out = kill_then_resume(args + ["--run-dir", str(run_dir)], run_dir, [(4, "save"), (9, "mid-line")],
+                                    "metrics.jsonl")
+    assert "resuming from step 8" in out  # the checkpoint of the last evaluation before the kill
+    assert_same(resumed, reference)
+    assert len({r["lr"] for r in reference}) > 3  # the schedule and the plateau scale really moved
