@@ -2,26 +2,23 @@
 
 An RL run dir holds config.json (the pretrained run's model/data/seed plus `train.*` and `rl.*`),
 tokenizer/, checkpoints/ (Orbax, as pretraining; `jaxgpt.load(run_dir)` reads them), rl_metrics.jsonl,
-rl_samples.jsonl (held-out samples at every evaluation) and rl_reward.png. Sampling keys and prompt
-choices are functions of (seed, step), so running the same command again resumes where it stopped.
+rl_samples.jsonl (held-out samples at every evaluation) and rl_reward.png. Both run on jaxgpt.train.runner;
+sampling keys and prompt choices are functions of (seed, step), so running the same command again resumes
+where it stopped, with the same metrics as an uninterrupted run.
 
-The checkpoint metric ("val_loss" in jaxgpt.train.checkpoint) is the negated mean held-out reward for GRPO,
-so `jaxgpt.load(run_dir)` gives the policy with the best held-out reward; for DPO it is the held-out DPO loss.
+Checkpoints are ranked by the mean held-out reward (highest) for GRPO, so `jaxgpt.load(run_dir)` gives the
+policy with the best held-out reward; for DPO by the held-out DPO loss (the training loss without held-out pairs).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxgpt import config as config_lib
 from jaxgpt import conversation, rundir, sharding
@@ -32,29 +29,19 @@ from jaxgpt.rl import dpo as dpo_lib
 from jaxgpt.rl import grpo, plot, policy, rewards
 from jaxgpt.rl.config import check
 from jaxgpt.rl.prompts import load_prompts
+from jaxgpt.train import runner
 from jaxgpt.train.checkpoint import Checkpointer
-from jaxgpt.train.signals import StopRequest
+from jaxgpt.train.metrics_log import MetricsLog
 
 METRICS_FILE = "rl_metrics.jsonl"
 
 
-class JsonlLog:
-    """Append-only JSONL from process 0; a resumed run first drops lines past its checkpoint."""
+class _Run(runner.Mode):
+    """What both modes share: config, tokenizer, mesh, frozen reference, and running on the runner."""
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path, self.enabled = path, jax.process_index() == 0
-        if self.enabled and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({k: v if isinstance(v, (int, str)) else float(v) for k, v in record.items()}) + "\n")
-
-
-class _Run:
-    """What both loops share: config, tokenizer, mesh, train state, frozen reference, checkpoints."""
+    def selection(self) -> tuple[str, str]:
+        """(metric, 'min' or 'max') the checkpoints are ranked by."""
+        raise NotImplementedError
 
     def __init__(self, cfg: Config, run_dir: str | Path, updates_per_step: int):
         from jaxgpt.api import load
@@ -73,12 +60,32 @@ class _Run:
                 self.tok.save(self.run_dir / "tokenizer")
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.ps = policy.policy_state(cfg.model, policy.updates_train_config(cfg.train, updates_per_step), self.mesh)
-        self.ckpt = Checkpointer(self.run_dir)
         with self.context():
             self.ref_params = self.ps.frozen_copy(init.params)  # before the state (donated each step) may alias it
-            restored = self.ckpt.restore_latest(self.ps.abstract)
-            self.state = restored if restored is not None else self.ps.fresh(init.params)
-        self.start = int(self.state["step"])
+        self.init_params = init.params
+
+    def run(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        with runner.lock(self.run_dir):
+            ckpt = Checkpointer(self.run_dir, *self.selection())
+            try:
+                with self.context():
+                    state = ckpt.restore_latest(self.ps.abstract)
+                    state = self.ps.fresh(self.init_params) if state is None else state
+                    start = int(state["step"])
+                    if start >= tc.steps:
+                        print(f"run dir already trained to step {start} (train.steps={tc.steps})")
+                        return {"step": start}
+                    self.begin(start)
+                    return runner.run(self, state, start, runner.Cadence.of(tc), ckpt, self.run_dir, METRICS_FILE,
+                                      tc.progress).summary
+            finally:
+                ckpt.close()
+                if jax.process_index() == 0:
+                    plot.plot_run(self.run_dir)
+
+    def begin(self, start: int) -> None:
+        """Before the first step of this run (or resume)."""
 
     def context(self) -> contextlib.ExitStack:
         """The mesh and logical-axis rules every jitted call runs under."""
@@ -104,12 +111,8 @@ class _Run:
             raise JaxgptError(f"{what} ({rows} rows) must be divisible by mesh.data x mesh.fsdp ({n})")
 
 
-def _finite(metrics: dict[str, Any], step: int) -> dict[str, float]:
-    out = {k: float(v) for k, v in metrics.items()}
-    if not math.isfinite(out["loss"]):
-        raise JaxgptError(f"the loss became {out['loss']} at step {step}; stopped without saving it. "
-                          "Lower train.lr, then run the same command to resume")
-    return out
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
 
 
 class GRPOLoop(_Run):
@@ -134,7 +137,22 @@ class GRPOLoop(_Run):
                                                               policy.completion_logprobs(cfg, r, t, s, nv, P),
                                                               t[:, P:], "exact"))
         self.step_fn = None
-        self.samples_log = JsonlLog(self.run_dir / "rl_samples.jsonl", self.start)
+        self.samples_log: MetricsLog | None = None
+
+    postfix = ("reward", "kl", "clip_frac")
+
+    def selection(self) -> tuple[str, str]:
+        return "eval_reward", "max"
+
+    def begin(self, start: int) -> None:
+        self.samples_log = MetricsLog(self.run_dir, start if start else -1, "rl_samples.jsonl", tensorboard=False)
+
+    def first_record(self) -> dict[str, Any]:
+        before = self.evaluate_params(self.ref_params, 0)  # the reference is the initial policy
+        if jax.process_index() == 0:
+            print(f"jaxgpt rl: held-out reward before {before['eval_reward']:.4f}; "
+                  f"{len(self.train_prompts)} train prompts, {self.B} samples/step, prompt width {self.P}")
+        return {"step": 0, **before, "eval_reward_before": before["eval_reward"]}
 
     @staticmethod
     def _text(prompt) -> str:
@@ -163,20 +181,23 @@ class GRPOLoop(_Run):
         return {"tokens_BxL": seq_BxL, "start_B": start_B, "mask_BxN": mask_BxN, "texts": texts,
                 "rewards_B": np.asarray(scores, np.float32)}
 
-    def train_batch(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def train_batch(self, params, step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         rl = self.cfg.rl
         rng = np.random.default_rng([self.cfg.seed, step])
         n = len(self.train_prompts)
         chosen = rng.choice(n, rl.prompts_per_step, replace=n < rl.prompts_per_step)
         prompts = [self.train_prompts[i] for i in chosen for _ in range(rl.group_size)]
-        ro = self.rollout(self.state["params"], prompts, policy.row_keys(self.cfg.seed, step, self.B))
+        ro = self.rollout(params, prompts, policy.row_keys(self.cfg.seed, step, self.B))
         adv_B = grpo.group_advantages(ro["rewards_B"].reshape(rl.prompts_per_step, rl.group_size), rl.adv_eps)
         batch = {"tokens_BxL": ro["tokens_BxL"], "start_B": ro["start_B"], "mask_BxN": ro["mask_BxN"],
                  "adv_B": adv_B.reshape(-1)}
-        batch["old_logp_BxN"] = np.asarray(self.old_logp(self.state["params"], batch["tokens_BxL"], batch["start_B"]))
+        batch["old_logp_BxN"] = np.asarray(self.old_logp(params, batch["tokens_BxL"], batch["start_B"]))
         return batch, ro
 
-    def evaluate(self, params, step: int) -> dict[str, float]:
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        return self.evaluate_params(state["params"], step)
+
+    def evaluate_params(self, params, step: int) -> dict[str, float]:
         """Mean reward and KL to the reference on the held-out prompts, with the same sampling keys every time."""
         rl = self.cfg.rl
         prompts = [p for p in self.eval_prompts for _ in range(rl.eval_samples)]
@@ -192,61 +213,17 @@ class GRPOLoop(_Run):
                 "eval_kl_seq": float((kl_BxN * mask_BxN).sum(1).mean()),  # per completion
                 "eval_len": float(mask_BxN.sum(1).mean())}
 
-    def run(self) -> dict[str, Any]:
-        tc = self.cfg.train
-        is_main = jax.process_index() == 0
-        log = JsonlLog(self.run_dir / METRICS_FILE, self.start)
-        summary: dict[str, Any] = {"step": self.start}
-        try:
-            with self.context(), StopRequest() as stop:
-                if self.start >= tc.steps:
-                    print(f"run dir already trained to step {self.start} (train.steps={tc.steps})")
-                    return summary
-                if self.start == 0:
-                    before = self.evaluate(self.state["params"], 0)
-                    log.write({"step": 0, **before})
-                    summary["eval_reward_before"] = before["eval_reward"]
-                    if is_main:
-                        print(f"jaxgpt rl: held-out reward before {before['eval_reward']:.4f}; "
-                              f"{len(self.train_prompts)} train prompts, {self.B} samples/step, prompt width {self.P}")
-                bar = tqdm(total=tc.steps, initial=self.start, disable=not (tc.progress and is_main),
-                           dynamic_ncols=True)
-                try:
-                    for step in range(self.start, tc.steps):
-                        summary.update(self._one_step(step, log, bar, stop))
-                        if stop.requested:
-                            print(f"\n{stop.signal_name}: saved step {step + 1}; run the same command to resume")
-                            break
-                finally:
-                    bar.close()
-        finally:
-            self.ckpt.close()
-            if is_main:
-                plot.plot_run(self.run_dir)
-        return summary
-
-    def _one_step(self, step: int, log: JsonlLog, bar, stop) -> dict[str, Any]:
-        tc = self.cfg.train
-        t0 = time.perf_counter()
-        batch, ro = self.train_batch(step)
+    def step(self, state, step: int):
+        batch, ro = self.train_batch(state["params"], step)
         if self.step_fn is None:
             fn = grpo.make_rl_step(self.cfg.model, self.cfg.rl, self.ps.tx, self.n_vocab, self.P)
             self.step_fn = self.jit_step(fn, batch, extra_args=1)
-        self.state, metrics = self.step_fn(self.state, self.ref_params, self.put(batch), jax.random.key(self.cfg.seed))
-        done = step + 1
-        record = {"step": done, "reward": float(ro["rewards_B"].mean()), "reward_std": float(ro["rewards_B"].std()),
-                  **_finite(metrics, done), "completion_len": float(batch["mask_BxN"].sum(1).mean()),
-                  "sec": time.perf_counter() - t0}
-        last = done == tc.steps or stop.requested
-        if done % tc.eval_every == 0 or done % tc.save_every == 0 or last:
-            record.update(self.evaluate(self.state["params"], done))
-        if done % tc.log_every == 0 or "eval_reward" in record:
-            log.write(record)
-        if done % tc.save_every == 0 or last:
-            self.ckpt.save(done, self.state, -record["eval_reward"])
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}", clip=f"{record['clip_frac']:.2f}")
-        bar.update(1)
-        return record
+        state, metrics = self.step_fn(state, self.ref_params, self.put(batch), jax.random.key(self.cfg.seed))
+        return state, {"reward": float(ro["rewards_B"].mean()), "reward_std": float(ro["rewards_B"].std()),
+                       **_floats(metrics), "completion_len": float(batch["mask_BxN"].sum(1).mean())}
+
+    def speed(self, seconds_per_step: float) -> dict[str, float]:
+        return {"sec": seconds_per_step}
 
 
 class DPOLoop(_Run):
@@ -264,57 +241,38 @@ class DPOLoop(_Run):
         self.step_fn = self.jit_step(fn, {"tokens_BxL": np.zeros((2, 2), np.int32), "mask_BxL": np.zeros((2, 2))})
         self.eval_fn = jax.jit(dpo_lib.make_dpo_eval(self.cfg.model, self.cfg.rl.dpo_beta, self.n_vocab))
 
+    def selection(self) -> tuple[str, str]:
+        # Without held-out pairs, the training batch's loss stands in for the selection metric.
+        return ("val_loss" if self.val else "loss"), "min"
+
     def batch(self, pairs) -> dict[str, np.ndarray]:
         return dpo_lib.pair_batch(pairs, self.tok.eos_id, self.cfg.model.block_size)
 
-    def evaluate(self, params) -> dict[str, float]:
+    def begin(self, start: int) -> None:
+        if jax.process_index() == 0:
+            print(f"jaxgpt dpo: {len(self.train)} train pairs, {len(self.val)} held out, steps "
+                  f"{start}->{self.cfg.train.steps}")
+
+    def first_record(self) -> dict[str, Any] | None:
+        return {"step": 0, **self.evaluate({"params": self.ref_params}, 0)} if self.val else None
+
+    def step(self, state, step: int):
+        rng = np.random.default_rng([self.cfg.seed, step])
+        chosen = rng.choice(len(self.train), self.K, replace=len(self.train) < self.K)
+        state, metrics = self.step_fn(state, self.ref_params, self.put(self.batch([self.train[i] for i in chosen])))
+        return state, _floats(metrics)
+
+    def evaluate(self, state, step: int) -> dict[str, float]:
         """Held-out DPO loss, preference accuracy and margin, weighted by pairs."""
         if not self.val:
             return {}
         sums: dict[str, float] = {}
         for i in range(0, len(self.val), self.K):
             chunk = self.val[i:i + self.K]
-            m = self.eval_fn(params, self.ref_params, self.batch(chunk))
+            m = self.eval_fn(state["params"], self.ref_params, self.batch(chunk))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
         return {f"val_{k}": v / len(self.val) for k, v in sums.items()}
-
-    def run(self) -> dict[str, Any]:
-        tc = self.cfg.train
-        is_main = jax.process_index() == 0
-        log = JsonlLog(self.run_dir / METRICS_FILE, self.start)
-        summary: dict[str, Any] = {"step": self.start}
-        try:
-            with self.context(), StopRequest() as stop:
-                if self.start == 0 and self.val:
-                    log.write({"step": 0, **self.evaluate(self.state["params"])})
-                if is_main and self.start < tc.steps:
-                    print(f"jaxgpt dpo: {len(self.train)} train pairs, {len(self.val)} held out, steps "
-                          f"{self.start}->{tc.steps}")
-                for step in range(self.start, tc.steps):
-                    rng = np.random.default_rng([self.cfg.seed, step])
-                    chosen = rng.choice(len(self.train), self.K, replace=len(self.train) < self.K)
-                    batch = self.put(self.batch([self.train[i] for i in chosen]))
-                    self.state, metrics = self.step_fn(self.state, self.ref_params, batch)
-                    done = step + 1
-                    record = {"step": done, **_finite(metrics, done)}
-                    last = done == tc.steps or stop.requested
-                    if done % tc.eval_every == 0 or done % tc.save_every == 0 or last:
-                        record.update(self.evaluate(self.state["params"]))
-                    if done % tc.log_every == 0 or "val_loss" in record or last:
-                        log.write(record)
-                    if done % tc.save_every == 0 or last:
-                        # Without held-out pairs, the training batch's loss stands in for the selection metric.
-                        self.ckpt.save(done, self.state, record.get("val_loss", record["loss"]))
-                    summary.update(record)
-                    if stop.requested:
-                        print(f"\n{stop.signal_name}: saved step {done}; run the same command to resume")
-                        break
-        finally:
-            self.ckpt.close()
-            if is_main:
-                plot.plot_run(self.run_dir)
-        return summary
 
 
 def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
