@@ -95,3 +95,62 @@ def test_finetune_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path)
     assert "resuming from step 8" in out  # the checkpoint of the last evaluation before the kill
     assert_same(resumed, reference)
     assert len({r["lr"] for r in reference}) > 3  # the schedule and the plateau scale really moved
+
+
+def test_rl_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["The object", "A function", "The value of", "If the", "When a class", "The result"]))
+    args = ["rl", "--init-from", str(pretrained / "pre"), f"rl.prompts={prompts}", "rl.reward=target_word",
+            "rl.target_word=the", "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=6",
+            "rl.eval_prompts=2", "rl.eval_samples=2", "rl.ppo_epochs=2", "train.steps=6", "train.eval_every=2",
+            "train.save_every=2", "train.log_every=1", "train.progress=false", "train.lr=1e-3"]
+    assert main(args + ["--run-dir", str(tmp_path / "reference")]) == 0
+    reference = rows(tmp_path / "reference" / "rl_metrics.jsonl")
+    run_dir = tmp_path / "killed"
+    resumed, _ = kill_then_resume(args + ["--run-dir", str(run_dir)], run_dir, [(2, "save"), (5, "mid-line")],
+                                  "rl_metrics.jsonl")
+    assert_same(resumed, reference)
+    assert rows(run_dir / "rl_samples.jsonl") == rows(tmp_path / "reference" / "rl_samples.jsonl")
+    meta = json.loads((run_dir / "checkpoints" / "selection.json").read_text())
+    assert meta == {"metric": "eval_reward", "mode": "max"}  # the reward itself, not a negated 'val_loss'
+
+
+def dpo_args(pretrained, tmp_path, *extra):
+    words = ["the value", "a class", "an object", "the method", "a name", "the list"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Use {w}", "chosen": " of the type.", "rejected": " is it"}) + "\n"
+                             for w in words * 2))
+    return ["dpo", "--init-from", str(pretrained / "pre"), "--data", str(pairs), "train.batch_size=4",
+            "train.log_every=1", "train.lr=3e-3", "train.warmup_steps=1", "train.progress=false", *extra]
+
+
+def test_dpo_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path):
+    args = dpo_args(pretrained, tmp_path, "train.steps=6", "train.eval_every=2", "train.save_every=2")
+    assert main(args + ["--run-dir", str(tmp_path / "reference")]) == 0
+    reference = rows(tmp_path / "reference" / "rl_metrics.jsonl")
+    run_dir = tmp_path / "killed"
+    resumed, _ = kill_then_resume(args + ["--run-dir", str(run_dir)], run_dir, [(2, "save"), (4, "step")],
+                                  "rl_metrics.jsonl")
+    assert_same(resumed, reference)
+
+
+def test_sigterm_during_an_evaluation_saves(pretrained, tmp_path, monkeypatch, capsys):
+    from jaxgpt.rl.loop import DPOLoop
+
+    evaluate = DPOLoop.evaluate
+
+    def interrupted_evaluate(self, state, step):
+        if step == 3:  # an evaluation-only step: no save was due
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, state, step)
+
+    monkeypatch.setattr(DPOLoop, "evaluate", interrupted_evaluate)
+    run_dir = tmp_path / "dpo"
+    args = dpo_args(pretrained, tmp_path, "train.steps=8", "train.eval_every=3", "train.save_every=100",
+                    "--run-dir", str(run_dir))
+    assert main(args) == 143
+    assert "SIGTERM: saved step 4" in capsys.readouterr().out  # the next step saw the request, evaluated and saved
+    assert (run_dir / "checkpoints" / "4").is_dir()
+    monkeypatch.setattr(DPOLoop, "evaluate", evaluate)
+    assert main(args) == 0
+    assert [r["step"] for r in rows(run_dir / "rl_metrics.jsonl")] == list(range(9))
