@@ -109,6 +109,7 @@ class RunDirLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "RunDirLock":
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -128,6 +129,8 @@ class RunDirLock:
             os.ftruncate(self.fd, 0)
             os.close(self.fd)  # closing releases the flock
             self.fd = None
+            if self.created and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+                shutil.rmtree(self.path.parent)  # a start that failed before writing anything leaves no run dir
 
 
 # ---- output folders --------------------------------------------------------------------------------

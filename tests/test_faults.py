@@ -342,8 +342,8 @@ DRIVER = textwrap.dedent("""
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     save, write = checkpoint.Checkpointer.save, metrics_log.MetricsLog.write
 
-    def killing_save(self, step, state, val_loss):
-        save(self, step, state, val_loss)  # the async write is now in flight
+    def killing_save(self, step, *rest):
+        save(self, step, *rest)  # the async write is now in flight
         if step == kill_at and where == "save":
             die()
 
