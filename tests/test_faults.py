@@ -170,7 +170,8 @@ def test_nan_step_is_never_saved_or_ranked_best(run, base_run):
     assert all(np.isfinite(r.get("val_loss", 0)) and np.isfinite(r["train_loss"]) for r in metric_rows(run))
     params, best = ckpt_lib.restore_params(run, _abstract_params(run))
     assert best == best_before and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(params))
-    assert ckpt_lib._val_loss({"val_loss": float("nan")}) == float("inf")  # NaN never compares as best
+    assert ckpt_lib.ranker("val_loss", "min")({"val_loss": float("nan")}) == float("inf")  # NaN never ranks best
+    assert ckpt_lib.ranker("eval_reward", "max")({"eval_reward": float("nan")}) == -float("inf")
     shutil.rmtree(run / "checkpoints")  # start the good run again from its best checkpoint
     shutil.copytree(base_run / "checkpoints", run / "checkpoints")
     resume(run, **{**RUN_STEPS, "train.steps": 8})  # the usual learning rate resumes from the good checkpoint

@@ -30,7 +30,8 @@ from jaxgpt.errors import JaxgptError
 SELECTION_FILE = "selection.json"
 
 
-def _ranker(metric: str, mode: str):
+def ranker(metric: str, mode: str):
+    """The value a step is ranked by (lower is better for "min"), from the metrics saved with it."""
     def value(metrics: dict) -> float:
         v = float(metrics.get(metric, math.nan))
         if math.isfinite(v):
@@ -77,7 +78,7 @@ def _damage(error: Exception) -> str:
 def _manager(folder: Path, read_only: bool = False) -> ocp.CheckpointManager:
     # LatestN(2) keeps a fallback when the newest is damaged; BestN keeps the best by the selection metric.
     metric, mode = read_selection(folder)
-    best = _ranker(metric, mode)
+    best = ranker(metric, mode)
     policy = pp.AnyPreservationPolicy([pp.LatestN(n=2), pp.BestN(get_metric_fn=best, reverse=mode == "min", n=1)])
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True, preservation_policy=policy, best_fn=best, best_mode=mode,
