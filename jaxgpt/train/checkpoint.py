@@ -75,9 +75,9 @@ def _damage(error: Exception) -> str:
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
 
 
-def _manager(folder: Path, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(folder: Path, read_only: bool = False, selection: tuple[str, str] | None = None) -> ocp.CheckpointManager:
     # LatestN(2) keeps a fallback when the newest is damaged; BestN keeps the best by the selection metric.
-    metric, mode = read_selection(folder)
+    metric, mode = selection or read_selection(folder)  # the writer's own: other hosts may not see the file yet
     best = ranker(metric, mode)
     policy = pp.AnyPreservationPolicy([pp.LatestN(n=2), pp.BestN(get_metric_fn=best, reverse=mode == "min", n=1)])
     options = ocp.CheckpointManagerOptions(
@@ -95,7 +95,7 @@ class Checkpointer:
         if read_selection(self.folder) != (metric, mode) and jax.process_index() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             files.atomic_write_text(self.folder / SELECTION_FILE, json.dumps({"metric": metric, "mode": mode}) + "\n")
-        self.mngr = _manager(self.folder)
+        self.mngr = _manager(self.folder, selection=(self.metric, self.mode))
         self.loop_state: dict[str, Any] = {}  # the restored checkpoint's loop state (early stopping, ...)
 
     def save(self, step: int, state: dict[str, Any], metrics: dict[str, float],
@@ -154,7 +154,8 @@ class Checkpointer:
             shutil.move(str(self.folder / str(step)), str(aside))
         warnings.warn(f"checkpoint step {step} is damaged ({damage}); moved it to {aside} and falling back to the "
                       "previous one", stacklevel=3)
-        self.mngr = _manager(self.folder)  # a failed restore can leave a manager unusable
+        # A failed restore can leave a manager unusable.
+        self.mngr = _manager(self.folder, selection=(self.metric, self.mode))
 
     def wait(self) -> None:
         self.mngr.wait_until_finished()
