@@ -76,11 +76,11 @@ def _open(browser, base_url, temperature: float, max_tokens: int) -> None:
 
 
 def test_page_streams_the_reply(browser, base_url):
-    body = {"messages": [{"role": "user", "content": "Hello"}], "temperature": 0, "max_tokens": 30}
+    body = {"messages": [{"role": "user", "content": "Hello"}], "temperature": 0, "max_tokens": 14}
     expected = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
     assert len(expected["message"]["content"]) > 10  # the fixture's model says enough to stream in pieces
 
-    _open(browser, base_url, temperature=0, max_tokens=30)
+    _open(browser, base_url, temperature=0, max_tokens=14)
     browser.type_text("Hello")
     browser.press_enter()
     browser.wait_for("document.body.dataset.state === 'streaming'")
@@ -104,6 +104,14 @@ def test_page_streams_the_reply(browser, base_url):
     browser.wait_for("document.querySelectorAll('.msg.assistant').length === 2 && "
                      "document.body.dataset.state === 'idle'")
     assert browser.eval(REPLY) == expected2
+
+    # A third turn no longer fits the 64-token context: the server's error shows, the turn is not kept.
+    browser.type_text("Again")
+    browser.press_enter()
+    error = browser.wait_for("document.querySelector('.msg.error')?.textContent")
+    assert "this model takes at most 63" in error
+    assert browser.eval("[...document.querySelectorAll('.msg.user')].at(-1).textContent") == "Again(not sent)"
+    assert browser.eval("document.querySelectorAll('.msg.assistant').length") == 2
 
 
 def test_stop_aborts_the_stream(browser, base_url):
