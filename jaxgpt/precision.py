@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -85,21 +84,12 @@ def cpu_bf16_speedup() -> float:
     return speedup
 
 
-def _measure_speedup(n: int = 1024, repeats: int = 7) -> float:
-    import jax
+def _measure_speedup() -> float:
     import jax.numpy as jnp
 
-    def median_seconds(dtype) -> float:
-        a = jnp.ones((n, n), dtype)
-        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-        f(a, a).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f(a, a).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+    from jaxgpt.perf import measured_matmul_flops
 
-    f32, bf16 = median_seconds(jnp.float32), median_seconds(jnp.bfloat16)
-    f32 = min(f32, median_seconds(jnp.float32))  # alternate, so a burst of other load hurts neither side alone
-    return f32 / bf16
+    f32 = measured_matmul_flops(dtype=jnp.float32, repeats=7)
+    bf16 = measured_matmul_flops(dtype=jnp.bfloat16, repeats=7)
+    f32 = max(f32, measured_matmul_flops(dtype=jnp.float32, repeats=7))  # alternate: a burst of load hurts neither alone
+    return bf16 / f32

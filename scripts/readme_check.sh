@@ -70,7 +70,8 @@ done
 stop_server
 
 echo
-echo "README check on $(date -u +%Y-%m-%d), $(nproc) cores, $(python3 -c 'import platform; print(platform.processor() or platform.machine())')"
+cpu="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//')"
+echo "README check on $(date -u +%Y-%m-%d), $(nproc) cores, ${cpu:-$(uname -m)}"
 printf '%s\n' "${results[@]}"
 echo "$(( ${#results[@]} - failed )) of ${#results[@]} passed or skipped; $failed failed"
 grep -A12 -m1 '^ROMEO:' "$work"/cmd_3.log 2>/dev/null | sed 's/^/  sample | /'

@@ -70,10 +70,13 @@ def test_runs_without_flax_or_model_code(exported):
 
 def test_limits_are_clear_errors(exported):
     em = load_exported(exported)
-    with pytest.raises(JaxgptError, match="max_new_tokens up to 24"):
+    with pytest.raises(JaxgptError, match="max_new_tokens up to 24.*slide=True"):
         em.generate("abc", 100, slide=False)
-    with pytest.raises(JaxgptError, match="prompts of up to 32 tokens"):
+    with pytest.raises(JaxgptError, match="prompts of up to 32 tokens.*--prompt-buckets"):
         em.generate("a" * 40, 4, slide=False)
+    assert len(em.generate("abc", 100, min_new_tokens=100, temperature=0.0)) == 100  # slides by default
+    with pytest.raises(JaxgptError, match="max_new_tokens must be positive"):
+        em.generate("abc", 0)
     with pytest.raises(JaxgptError, match="chunk must be positive"):
         next(em.stream_ids([[1]], 4, chunk=0))
     with pytest.raises(JaxgptError, match="not an exported jaxgpt model"):
