@@ -67,12 +67,17 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
 
-    srv = sub.add_parser("serve", help="serve a run dir over an OpenAI-compatible HTTP API")
-    srv.add_argument("--run-dir", required=True)
+    srv = sub.add_parser("serve", help="serve a run dir or an exported artifact over an OpenAI-compatible HTTP "
+                         "API, with a chat page at /")
+    what = srv.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run-dir")
+    what.add_argument("--exported", metavar="DIR", help="a `jaxgpt export` folder, served with JAX alone (no Flax; "
+                      "no logprobs)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean otherwise)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step number")
-    srv.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization")
+    srv.add_argument("--checkpoint", help="'best' (the default), 'latest' or a step number (run dirs only)")
+    srv.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization (run dirs only; "
+                     "export with --quantize int8 instead)")
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together on the device")
     srv.add_argument("--no-batching", action="store_true", help="serve one request at a time (a baseline)")
     srv.add_argument("--model-name", help="the model id clients send (default: the run dir's name)")
@@ -252,10 +257,13 @@ def _serve(args) -> None:
 
     if args.max_batch < 1 or args.stream_chunk < 1:
         raise JaxgptError("--max-batch and --stream-chunk must be positive")
+    if args.exported and (args.checkpoint or args.quantize):
+        raise JaxgptError("--checkpoint and --quantize apply to --run-dir; an export holds one checkpoint (export "
+                          "it with --quantize int8 for int8 weights)")
     from jaxgpt.serve import serve
 
-    serve(args.run_dir, args.host, args.port, args.checkpoint, args.quantize, args.max_batch, not args.no_batching,
-          args.model_name, chunk=args.stream_chunk)
+    serve(args.run_dir, args.host, args.port, args.checkpoint or "best", args.quantize, args.max_batch,
+          not args.no_batching, args.model_name, chunk=args.stream_chunk, exported=args.exported)
 
 
 def _export(args) -> None:

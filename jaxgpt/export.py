@@ -1,8 +1,9 @@
 """Export a trained model as a self-contained inference artifact (`jax.export`, safetensors, JSON).
 
 The folder holds, per prompt bucket, the serialized StableHLO of prefill + the whole decode loop (batch
-size symbolic where it exports, else one file per batch size), the weights as safetensors, the tokenizer
-and a manifest. `jaxgpt.exported.load_exported(folder)` runs it with JAX alone: no Flax, no model code.
+size symbolic where it exports, else one file per batch size), the weights as safetensors, the tokenizer,
+the chat template (chat_template.json) and a manifest. `jaxgpt.exported.load_exported(folder)` runs it
+with JAX alone: no Flax, no model code.
 
     jaxgpt export --run-dir runs/shakespeare --out exported/shakespeare [--quantize int8]
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import files
+from jaxgpt import conversation, files
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import SamplingParams, decode_loop, prefill
 
@@ -140,6 +141,7 @@ def export_model(model, out: str | Path, *, batch_sizes: Sequence[int] = (1, 8),
                 programs.append(_write(tmp, jax.export.export(fn)(*_arg_specs(weights, batch, bucket)), bucket, batch))
         save_file(weights, str(tmp / "weights.safetensors"))
         model.tokenizer.save(tmp / "tokenizer")
+        conversation.save(model.template, tmp)  # chat_template.json, as the run dir records it
         manifest = {"format": FORMAT_VERSION, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
                     "n_vocab": model.tokenizer.vocab_size, "eos_id": model.tokenizer.eos_id,
                     "max_new_tokens": max_new_tokens, "quantize": quantize or "none", "programs": programs,

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
 
+from jaxgpt import conversation
 from jaxgpt.data import tokenizers
 from jaxgpt.errors import JaxgptError
 
@@ -31,6 +32,7 @@ class ExportedModel:
         if sorted(self.weights) != m["weights"]:
             raise JaxgptError(f"'{folder}/weights.safetensors' does not match its manifest; re-export the model")
         self.tokenizer = tokenizers.load(folder / "tokenizer")
+        self.template = conversation.for_run(folder)  # the run dir's chat template (DEFAULT in older exports)
         self.programs = {(p["prompt_bucket"], p["batch"]): (folder / p["file"]) for p in m["programs"]}
         self._loaded: dict = {}
 
@@ -43,16 +45,39 @@ class ExportedModel:
             self._loaded[key] = jax.export.deserialize(bytearray(self.programs[key].read_bytes()))
         return self._loaded[key]
 
-    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                     seed: int | Sequence[int] = 0, stop_ids: Sequence[Sequence[int]] = (),
-                     slide: bool = True) -> list[list[int]]:
-        """New ids per prompt. Past the exported lengths the window slides as the live model's does: the
-        newest tokens (up to the largest prompt bucket) become the next prompt; `slide=False` raises instead."""
+    @property
+    def block_size(self) -> int:
+        return self.manifest["block_size"]
+
+    @property
+    def batch_sizes(self) -> list[int] | None:
+        """The batch sizes its programs take; None where every program takes any (a symbolic batch)."""
+        return sorted({b for _, b in self.programs if b}) or None
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+        """New ids per prompt (keywords as `stream_ids`, without `chunk`)."""
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for new in self.stream_ids(prompts, max_new_tokens, **kwargs):
+            for row, toks in zip(outputs, new):
+                row += toks
+        return outputs
+
+    def stream_ids(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                   seed: int | Sequence[int] = 0, stop_ids: Sequence[Sequence[int]] = (), slide: bool = True,
+                   chunk: int | None = None) -> Iterator[list[list[int]]]:
+        """Each row's new ids after every program call ([] for a row that has ended).
+
+        One call makes up to the exported max_new_tokens, or `chunk` tokens (a stream's granularity: each
+        call re-reads prompt + output so far, while that fits the largest prompt bucket). Past the exported
+        lengths the window slides as the live model's does: the newest tokens (up to the largest prompt
+        bucket, or half the context) become the next prompt; `slide=False` raises instead."""
         m = self.manifest
         eos, limit, largest = m["eos_id"], m["max_new_tokens"], max(b for b, _ in self.programs)
         if max_new_tokens <= 0:
             raise JaxgptError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if chunk is not None and chunk <= 0:
+            raise JaxgptError(f"chunk must be positive, got {chunk}")
         prompts = [list(p) if len(p) else [eos] for p in prompts]
         longest = max(len(p) for p in prompts)
         if not slide and (max_new_tokens > limit or longest > largest):
@@ -69,16 +94,19 @@ class ExportedModel:
             if todo <= 0:
                 break
             texts = [prompts[b] + outputs[b] for b in alive]
-            fits = round_ == 0 and max(len(t) for t in texts) <= largest
+            # A chunked stream re-reads its whole text while it fits; otherwise only the first call does.
+            fits = (round_ == 0 or chunk is not None) and max(len(t) for t in texts) <= largest
             contexts = texts if fits else [t[-keep:] for t in texts]
-            n = min(todo, limit)
+            n = min(todo, limit, chunk or limit)
             rkeys = [keys[b] if round_ == 0 else jax.random.fold_in(keys[b], round_) for b in alive]
             min_new = max(0, min_new_tokens - (max_new_tokens - todo))
             new, done = self._decode(contexts, n, rkeys, sampling, min_new, stop_ids)
+            out: list[list[int]] = [[] for _ in prompts]
             for b, toks in zip(alive, new):
                 outputs[b] += toks
+                out[b] = toks
+            yield out
             alive = [b for b, toks, d in zip(alive, new, done) if not d and len(toks) == n]
-        return outputs
 
     @staticmethod
     def _row_keys(seed: int | Sequence[int], batch: int) -> list:

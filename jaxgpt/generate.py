@@ -30,14 +30,7 @@ import numpy as np
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import GPT, Cache, init_cache
-
-
-class SamplingParams(NamedTuple):
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the sequence
-    min_new_tokens: int = 0  # end-of-text is banned before this many new tokens
+from jaxgpt.sampling import SamplingParams, prompt_bucket  # noqa: F401  (re-exported: callers import them here)
 
 
 _INT_FIELDS = ("top_k", "min_new_tokens")
@@ -55,11 +48,6 @@ class DecodeState(NamedTuple):
     recent_BxM: jax.Array  # the last M new tokens (-2: none yet), matched against stop sequences
     done_B: jax.Array
     keys_B: jax.Array  # one random key per row
-
-
-def prompt_bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= n (and >= minimum)."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def check_sampling(s: SamplingParams) -> None:

@@ -20,8 +20,7 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import prompt_bucket
 from jaxgpt.model import GPT
-
-MAX_TOP = 20  # the most alternatives per position a caller may ask for (OpenAI allows 20)
+from jaxgpt.sampling import MAX_TOP
 
 
 class TokenLogprobs(NamedTuple):

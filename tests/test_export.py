@@ -51,6 +51,14 @@ def test_int8_export_equals_live_int8(live, tmp_path):
     assert manifest["quantize"] == "int8" and any(k.endswith("/int8") for k in manifest["weights"])
 
 
+def test_stream_ids_in_chunks_equals_generate_ids(exported):
+    em = load_exported(exported)
+    ids = [em.tokenizer.encode(p) for p in PROMPTS]
+    pieces = list(em.stream_ids(ids, 12, temperature=0.0, chunk=5))
+    assert [len(max(p, key=len)) for p in pieces][:2] == [5, 5]
+    assert [sum(rows, []) for rows in zip(*pieces)] == em.generate_ids(ids, 12, temperature=0.0)
+
+
 def test_runs_without_flax_or_model_code(exported):
     code = (f"import sys, jaxgpt; m = jaxgpt.load_exported({str(exported)!r}); "
             "out = m.generate('abc', 8, temperature=0.0); "
@@ -69,6 +77,8 @@ def test_limits_are_clear_errors(exported):
     assert len(em.generate("abc", 100, min_new_tokens=100, temperature=0.0)) == 100  # slides by default
     with pytest.raises(JaxgptError, match="max_new_tokens must be positive"):
         em.generate("abc", 0)
+    with pytest.raises(JaxgptError, match="chunk must be positive"):
+        next(em.stream_ids([[1]], 4, chunk=0))
     with pytest.raises(JaxgptError, match="not an exported jaxgpt model"):
         load_exported(exported.parent)
     np.testing.assert_equal(len(em.generate(["a", "b"], 3, temperature=0.0)), 2)

@@ -9,7 +9,12 @@ left with a 503 (a stream gets an error event and `[DONE]`).
 
 `logprobs` (and `echo`) are computed after generation by one scoring pass over prompt + completion
 (a ScoreJob through the same batcher), so they are the model's raw log-probabilities, before
-temperature, top-k/top-p or penalties, as vLLM reports them by default. Not with `stream` (a 400).
+temperature, top-k/top-p or penalties, as vLLM reports them by default. Not with `stream` (a 400), nor
+from an exported artifact (a 400: it holds no scoring program).
+
+GET / is a chat page (chat.html, beside this file): it streams replies from /v1/chat/completions.
+A run dir is served through its LanguageModel, an exported artifact (`serve(exported=...)`) through
+jaxgpt.exported with JAX alone: this module and the batcher import no model code (jaxgpt.serve.engines).
 """
 
 from __future__ import annotations
@@ -22,17 +27,18 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jaxgpt.errors import JaxgptError
-from jaxgpt.generate import SamplingParams
+from jaxgpt.sampling import SamplingParams
 from jaxgpt.serve import logprobs as logprobs_lib
 from jaxgpt.serve import protocol
 from jaxgpt.serve.batcher import Batcher, Job, ScoreJob
@@ -44,7 +50,7 @@ log = logging.getLogger("jaxgpt.serve")
 
 @dataclass
 class Serving:
-    model: Any  # jaxgpt.api.LanguageModel
+    engine: Any  # jaxgpt.serve.engines: LiveEngine or ExportedEngine
     name: str
     limits: Limits
     batcher: Batcher
@@ -53,11 +59,13 @@ class Serving:
 
 def create_app(model, name: str = "jaxgpt", max_batch: int = 8, max_wait_ms: float = 5.0, chunk: int = 8,
                limits: Limits | None = None) -> Starlette:
-    """The ASGI app serving `model` (a LanguageModel); max_batch=1 serves one request at a time."""
-    block = model.cfg.model.block_size
+    """The ASGI app serving `model` (a LanguageModel or an ExportedModel); max_batch=1 serves one request
+    at a time."""
+    batcher = Batcher(model, max_batch, max_wait_ms, chunk)
+    block = batcher.engine.block_size
     # Generation slides past the context (jaxgpt.generate), so max_tokens may exceed it.
     limits = limits or Limits(max_prompt_tokens=block - 1, max_new_tokens=max(4096, block))
-    serving = Serving(model, name, limits, Batcher(model, max_batch, max_wait_ms, chunk), int(time.time()))
+    serving = Serving(batcher.engine, name, limits, batcher, int(time.time()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -66,6 +74,7 @@ def create_app(model, name: str = "jaxgpt", max_batch: int = 8, max_wait_ms: flo
         await asyncio.to_thread(serving.batcher.close)
 
     routes = [
+        Route("/", _page, methods=["GET"]),
         Route("/v1/completions", _completions, methods=["POST"]),
         Route("/v1/chat/completions", _chat, methods=["POST"]),
         Route("/v1/models", _models, methods=["GET"]),
@@ -148,7 +157,7 @@ async def _chat(request: HttpRequest):
 
 
 def _encode(serving: Serving, req: protocol.Request, prompt) -> list[int]:
-    tok = serving.model.tokenizer
+    tok = serving.engine.tokenizer
     param = "messages" if req.chat else "prompt"
     if isinstance(prompt, list) and not req.chat:  # token ids, as lm-evaluation-harness sends them
         bad = next((t for t in prompt if t >= tok.vocab_size), None)
@@ -157,7 +166,7 @@ def _encode(serving: Serving, req: protocol.Request, prompt) -> list[int]:
                                 "ids", param=param)
         return list(prompt)
     try:
-        ids = protocol.chat_ids(prompt, tok, serving.model.template) if req.chat else tok.encode(prompt)
+        ids = protocol.chat_ids(prompt, tok, serving.engine.template) if req.chat else tok.encode(prompt)
     except JaxgptError as e:
         raise ApiError(400, str(e), param=param) from None
     return ids or [tok.eos_id]  # an empty prompt starts from end-of-text, as jaxgpt.generate does
@@ -165,7 +174,7 @@ def _encode(serving: Serving, req: protocol.Request, prompt) -> list[int]:
 
 def _prompt_ids(serving: Serving, req: protocol.Request) -> list[list[int]]:
     """Each prompt's ids, checked against the context (a pure scoring request may fill all of it)."""
-    block, limits = serving.model.cfg.model.block_size, serving.limits
+    block, limits = serving.engine.block_size, serving.limits
     most = block if req.max_tokens == 0 else min(limits.max_prompt_tokens, block - 1)
     out = []
     for prompt in req.prompts:
@@ -179,7 +188,7 @@ def _prompt_ids(serving: Serving, req: protocol.Request) -> list[list[int]]:
 
 def _jobs(serving: Serving, req: protocol.Request, prompts: list[list[int]], emit) -> list[Job]:
     """One job per (prompt, n); choice index = prompt index * n + sample index, as OpenAI numbers them."""
-    block, limits = serving.model.cfg.model.block_size, serving.limits
+    block, limits = serving.engine.block_size, serving.limits
     sampling = SamplingParams(req.temperature, req.top_k, req.top_p, req.repetition_penalty)
     seed = secrets.randbits(31) if req.seed is None else req.seed
     jobs = []
@@ -216,6 +225,10 @@ async def _generate(request: HttpRequest, chat: bool):
     if req.model is not None and req.model != serving.name:
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{serving.name}'",
                        param="model", code="model_not_found")
+    if req.logprobs is not None and not serving.engine.can_score:
+        raise ApiError(400, "logprobs are not supported when serving an exported artifact (it holds generation "
+                            "programs only); serve the run dir (`jaxgpt serve --run-dir`) for logprobs",
+                       param="logprobs", code="logprobs_not_supported")
     events, emit = _channel()
     prompts = _prompt_ids(serving, req)
     prompt_lens = [len(ids) for ids in prompts]
@@ -242,10 +255,10 @@ async def _generate(request: HttpRequest, chat: bool):
         for job in jobs:  # a failed or abandoned request frees its rows
             job.cancelled = True
     rows = [prompts[i // req.n] for i in range(n_choices)]
-    new_ids = [_shown_ids(serving.model.tokenizer, job.ids, text) for job, text in zip(jobs, texts)] or [[]] * n_choices
+    new_ids = [_shown_ids(serving.engine.tokenizer, job.ids, text) for job, text in zip(jobs, texts)] or [[]] * n_choices
     logprobs = await _logprobs(serving, req, rows, new_ids)
     if req.echo:  # the prompt as sent (a string), or as its ids decode
-        texts = [(p if isinstance(p, str) else serving.model.tokenizer.decode(ids)) + t
+        texts = [(p if isinstance(p, str) else serving.engine.tokenizer.decode(ids)) + t
                  for p, ids, t in zip((req.prompts[i // req.n] for i in range(n_choices)), rows, texts)]
     body = protocol.envelope(req, rid, serving.name)
     body["choices"] = [protocol.choice(req, i, texts[i], reasons[i], logprobs=logprobs[i]) for i in range(n_choices)]
@@ -281,7 +294,7 @@ async def _logprobs(serving: Serving, req: protocol.Request, prompts: list[list[
         for job in jobs:
             job.cancelled = True
     by_row = dict(zip(unique, results))
-    tok, out = serving.model.tokenizer, []
+    tok, out = serving.engine.tokenizer, []
     for prompt, row in zip(prompts, rows):
         if req.chat:
             out.append(logprobs_lib.chat_logprobs(tok, row, by_row[tuple(row)], len(prompt), req.logprobs))
@@ -326,6 +339,11 @@ async def _sse(req, rid, name, jobs, prompt_lens, events):
             job.cancelled = True
 
 
+async def _page(request: HttpRequest):
+    # Package data, read per request: small, and an edited page shows on reload.
+    return HTMLResponse(resources.files("jaxgpt.serve").joinpath("chat.html").read_text(encoding="utf-8"))
+
+
 async def _models(request: HttpRequest):
     serving: Serving = request.app.state.serving
     return JSONResponse({"object": "list", "data": [_model_card(serving)]})
@@ -341,7 +359,7 @@ async def _model(request: HttpRequest):
 
 def _model_card(serving: Serving) -> dict[str, Any]:
     return {"id": serving.name, "object": "model", "created": serving.created, "owned_by": "jaxgpt",
-            "max_model_len": serving.model.cfg.model.block_size}
+            "max_model_len": serving.engine.block_size}
 
 
 async def _health(request: HttpRequest):
@@ -359,47 +377,54 @@ async def _tokenize(request: HttpRequest):
     serving: Serving = request.app.state.serving
     text = protocol.parse_tokenize(await _read_json(request, serving.limits))
     try:
-        ids = serving.model.tokenizer.encode(text)
+        ids = serving.engine.tokenizer.encode(text)
     except JaxgptError as e:
         raise ApiError(400, str(e), param="prompt") from None
-    return JSONResponse({"count": len(ids), "max_model_len": serving.model.cfg.model.block_size, "tokens": ids,
+    return JSONResponse({"count": len(ids), "max_model_len": serving.engine.block_size, "tokens": ids,
                          "token_strs": None})
 
 
 async def _detokenize(request: HttpRequest):
     serving: Serving = request.app.state.serving
-    tok = serving.model.tokenizer
+    tok = serving.engine.tokenizer
     ids = protocol.parse_detokenize(await _read_json(request, serving.limits), tok.vocab_size)
     return JSONResponse({"prompt": tok.decode(ids)})
 
 
 async def _tokenizer_info(request: HttpRequest):
     serving: Serving = request.app.state.serving
-    tok = serving.model.tokenizer
+    tok = serving.engine.tokenizer
     # No special-token strings: /tokenize treats text as text, so "<|endoftext|>" would not give eos_token_id.
     return JSONResponse({"tokenizer_class": type(tok).__name__, "eos_token": None, "bos_token": None,
                          "pad_token": None, "eos_token_id": tok.eos_id, "vocab_size": tok.vocab_size,
-                         "model_max_length": serving.model.cfg.model.block_size})
+                         "model_max_length": serving.engine.block_size})
 
 
-def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "best",
+def serve(run_dir: str | None, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "best",
           quantize: str | None = None, max_batch: int = 8, batching: bool = True, name: str | None = None,
-          max_wait_ms: float = 5.0, chunk: int = 8, graceful_s: int = 30, log_level: str = "info") -> None:
-    """Load a run dir and serve it until SIGTERM/SIGINT."""
+          max_wait_ms: float = 5.0, chunk: int = 8, graceful_s: int = 30, log_level: str = "info",
+          exported: str | None = None) -> None:
+    """Load a run dir (or, with `exported`, an exported artifact instead) and serve it until SIGTERM/SIGINT."""
     import signal
     import sys
     from pathlib import Path
 
     import uvicorn
 
-    from jaxgpt.api import load
-
     # SIGTERM exits 0 while loading, and after uvicorn's graceful shutdown (uvicorn re-raises the signal).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    model = load(run_dir, checkpoint, quantize=quantize)  # refuses a classifier run dir before binding the port
-    name = name or Path(run_dir).resolve().name
+    source = exported or run_dir
+    if exported:
+        from jaxgpt.exported import load_exported
+
+        model = load_exported(exported)  # JAX alone: no Flax, no model code
+    else:
+        from jaxgpt.api import load
+
+        model = load(run_dir, checkpoint, quantize=quantize)  # refuses a classifier run dir before binding the port
+    name = name or Path(source).resolve().name
     app = create_app(model, name, max_batch if batching else 1, max_wait_ms, chunk)
-    log.warning("serving %s (%s) on http://%s:%d/v1 (max_batch %d)", name, run_dir, host, port,
-                max_batch if batching else 1)
+    log.warning("serving %s (%s) on http://%s:%d/v1, chat page at http://%s:%d/ (max_batch %d)", name, source,
+                host, port, host, port, max_batch if batching else 1)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=graceful_s)).run()

@@ -9,13 +9,16 @@ compile. Each row finishes on its own (end-of-text, a stop string, its own max_t
 went away); the batch stops as soon as every row has. This is dynamic, not continuous, batching: a job
 that arrives while a batch runs waits for that batch to end.
 
-Streaming granularity: the decode runs in jitted chunks of `chunk` tokens (`jaxgpt.generate.stream_ids`;
-the KV cache stays on the device between chunks) and text goes out after each chunk, so a stream gets its
-tokens in groups of up to `chunk`. Text that ends in half a UTF-8 character or in what may be the start
+The batcher drives an engine (jaxgpt.serve.engines): a live model or an exported artifact.
+
+Streaming granularity: the decode runs in chunks of `chunk` tokens (a live model: jitted chunks of
+`jaxgpt.generate.stream_ids`, the KV cache staying on the device between them; an exported artifact: one
+program call per chunk) and text goes out after each chunk, so a stream gets its tokens in groups of up
+to `chunk`. Text that ends in half a UTF-8 character or in what may be the start
 of a stop string is held back until the next chunk decides it.
 
 Scoring (`ScoreJob`: log-probabilities of given tokens, for `logprobs`/`echo`) runs through the same
-queue: waiting score jobs, up to `max_batch` rows, share one forward pass (jaxgpt.scoring).
+queue: waiting score jobs, up to `max_batch` rows, share one forward pass (jaxgpt.scoring; live models only).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from jaxgpt.generate import SamplingParams, prompt_bucket, stream_ids
-from jaxgpt.scoring import token_logprobs
+from jaxgpt.sampling import SamplingParams
+from jaxgpt.serve.engines import as_engine
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.protocol import ApiError
 
@@ -111,10 +114,13 @@ class ScoreJob:
 
 
 class Batcher:
-    """Queue + worker thread. `submit` is thread-safe; `close` cancels what has not run and stops the worker."""
+    """Queue + worker thread. `submit` is thread-safe; `close` cancels what has not run and stops the worker.
+    `model` is a LanguageModel, an ExportedModel or an engine (jaxgpt.serve.engines)."""
 
     def __init__(self, model, max_batch: int = 8, max_wait_ms: float = 5.0, chunk: int = 8, max_queue: int = 1024):
-        self.model, self.max_batch, self.max_wait, self.chunk = model, max_batch, max_wait_ms / 1000, chunk
+        self.engine = as_engine(model)
+        max_batch = min(max_batch, self.engine.max_rows or max_batch)  # an export with fixed batch sizes
+        self.max_batch, self.max_wait, self.chunk = max_batch, max_wait_ms / 1000, chunk
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
@@ -179,7 +185,7 @@ class Batcher:
 
     def _compatible(self, live: list) -> list:
         """The oldest job and, in arrival order, others with its key that still fit the context together."""
-        block = self.model.cfg.model.block_size
+        block = self.engine.block_size
         batch = [live[0]]
         if isinstance(live[0], ScoreJob):  # each score row fits on its own; padding is on the right
             return [j for j in live if isinstance(j, ScoreJob)][:self.max_batch]
@@ -221,28 +227,22 @@ class Batcher:
     def _score(self, jobs: list[ScoreJob]) -> None:
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
-        results = token_logprobs(self.model.params, self.model.cfg.model, [j.ids for j in jobs],
-                                 n_vocab=self.model.tokenizer.vocab_size, top_n=max(j.top_n for j in jobs),
-                                 batch_size=self.max_batch)
+        results = self.engine.score([j.ids for j in jobs], max(j.top_n for j in jobs), self.max_batch)
         for job, result in zip(jobs, results):
             job.finished = True
             job.emit(("scored", result))
 
     def _run(self, jobs: list[Job]) -> None:
-        cfg, tok = self.model.cfg.model, self.model.tokenizer
+        tok = self.engine.tokenizer
         B = len(jobs)
-        rows = 1 << (B - 1).bit_length()  # pad rows to a power of two: few compiled shapes
+        rows = self.engine.rows(B)  # padded rows: few compiled shapes
         prompts = [j.prompt_ids for j in jobs] + [jobs[0].prompt_ids] * (rows - B)
         seeds = [j.seed for j in jobs] + [0] * (rows - B)
-        longest = max(len(p) for p in prompts)
         wanted = max(j.max_new_tokens for j in jobs)
-        sliding = longest + wanted > cfg.block_size  # a batch of one (see _compatible): n is exactly what it asked
-        n = wanted if sliding else min(prompt_bucket(wanted), cfg.block_size - longest)  # >= 16, a power of two
         self.stats["batches"] += 1
         self.stats["rows"] += B
         self.stats["largest_batch"] = max(self.stats["largest_batch"], B)
-        chunks = stream_ids(self.model.params, cfg, prompts, n, eos_id=tok.eos_id, n_vocab=tok.vocab_size,
-                            sampling=jobs[0].sampling, seed=seeds, chunk=self.chunk)
+        chunks = self.engine.stream(prompts, wanted, jobs[0].sampling, seeds, self.chunk)
         try:
             for new in chunks:
                 if self._abort:

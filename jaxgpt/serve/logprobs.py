@@ -15,9 +15,10 @@ A token that is only part of a UTF-8 character is written `bytes:\\xNN...` as Op
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jaxgpt.scoring import TokenLogprobs
+if TYPE_CHECKING:  # the model code (Flax) stays out of a server of an exported artifact
+    from jaxgpt.scoring import TokenLogprobs
 
 
 def token_bytes(tokenizer, token_id: int) -> bytes:

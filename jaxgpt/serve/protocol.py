@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxgpt import conversation
-from jaxgpt.scoring import MAX_TOP
+from jaxgpt.sampling import MAX_TOP
 
 
 class ApiError(Exception):

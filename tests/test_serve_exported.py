@@ -1,0 +1,149 @@
+"""`jaxgpt serve --exported DIR`: the same API from an exported artifact, in a process that cannot import
+Flax or the model code, with the chat template the run recorded; int8 exports serve too."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import jax
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+from jaxgpt import config, conversation
+from jaxgpt.api import LanguageModel
+from jaxgpt.data import tokenizers
+from jaxgpt.export import export_model
+from jaxgpt.exported import load_exported
+from jaxgpt.model import init_params
+from jaxgpt.serve import create_app
+
+TEMPLATE = conversation.Template(name="test-chat", system="S:\n", user="Q:\n", assistant="A:\n")
+# Runs `jaxgpt serve` with every import of these refused, so serving an export provably needs none of them.
+SERVER = """
+import sys
+BLOCKED = {"flax", "jaxgpt.model", "jaxgpt.generate", "jaxgpt.scoring", "jaxgpt.api", "jaxgpt.train.loop"}
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name in BLOCKED or name.split(".")[0] == "flax":
+            raise ImportError(f"{name} is blocked: serving an export must not need it")
+sys.meta_path.insert(0, Blocker())
+from jaxgpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def live():
+    cfg = config.load(None, {"model.preset": "tiny", "model.vocab_size": 64})
+    tok = tokenizers.CharTokenizer(list("abcdefghijklmnopqrstuvwxyzAQS ,.:\n"))
+    params = jax.tree.map(lambda a: a * 5 if a.ndim > 1 else a, init_params(cfg.model, jax.random.key(0)))
+    return LanguageModel(cfg, params, tok, 7, TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def exported(live, tmp_path_factory):
+    return export_model(live, tmp_path_factory.mktemp("exp") / "tiny-export", prompt_buckets=(16, 32),
+                        max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def base_url(exported):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, "serve", "--exported", str(exported), "--port", str(port),
+                             "--stream-chunk", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            time.sleep(0.1)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "blocked" not in output, output[-3000:]  # no request tried (and failed) to import the model code
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_export_records_the_chat_template(exported):
+    assert json.loads((exported / conversation.FILE).read_text())["user"] == "Q:\n"
+    assert load_exported(exported).template == TEMPLATE
+
+
+def test_completion_greedy_equals_load_exported(client, exported):
+    r = client.completions.create(model="tiny-export", prompt="hello wor", max_tokens=16, temperature=0)
+    assert r.choices[0].text == load_exported(exported).generate("hello wor", 16, temperature=0.0)
+    assert r.usage.prompt_tokens == 9
+    sampled = [client.completions.create(model="tiny-export", prompt="abc", max_tokens=10, temperature=0.9,
+                                         seed=3).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a seed gives the same sample again
+
+
+def test_chat_uses_the_recorded_template_and_streams(client, exported):
+    messages = [{"role": "user", "content": "hello"}]
+    em = load_exported(exported)
+    ids = conversation.prompt_ids(TEMPLATE, messages, em.tokenizer)
+    expected = em.tokenizer.decode(em.generate_ids([ids], 16, temperature=0.0)[0])
+    r = client.chat.completions.create(model="tiny-export", messages=messages, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == expected and r.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model="tiny-export", messages=messages, max_tokens=16, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_generation_past_the_exported_lengths_slides(client):
+    r = client.completions.create(model="tiny-export", prompt="the quick brown fox", max_tokens=80, temperature=0)
+    assert r.usage.completion_tokens == 80 or r.choices[0].finish_reason == "stop"
+
+
+def test_models_health_metrics_and_page(base_url, client):
+    card = client.models.retrieve("tiny-export")
+    assert card.id == "tiny-export" and card.model_extra["max_model_len"] == 64
+    assert httpx.get(f"{base_url}/health").json()["status"] == "ok"
+    assert "jaxgpt_" in httpx.get(f"{base_url}/metrics").text
+    page = httpx.get(f"{base_url}/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text
+
+
+def test_logprobs_are_a_clear_400(base_url, client):
+    for endpoint, body in (("completions", {"prompt": "abc", "max_tokens": 2, "logprobs": 1}),
+                           ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True})):
+        r = httpx.post(f"{base_url}/v1/{endpoint}", json=body, timeout=60)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["code"] == "logprobs_not_supported" and error["param"] == "logprobs"
+        assert "exported artifact" in error["message"] and "--run-dir" in error["message"]
+    assert client.completions.create(model="tiny-export", prompt="abc", max_tokens=2).choices[0].text is not None  # still serving
+
+
+def test_int8_export_serves_its_own_tokens(live, tmp_path):
+    out = export_model(live, tmp_path / "q8", prompt_buckets=(16,), max_new_tokens=16, quantize="int8")
+    em = load_exported(out)
+    with TestClient(create_app(em, "q8")) as http:
+        r = http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == em.generate("abc", 12, temperature=0.0)
+
+
+def test_cli_refuses_run_dir_options_with_exported(exported):
+    from jaxgpt.cli import main
+
+    assert main(["serve", "--exported", str(exported), "--quantize", "int8"]) == 2
