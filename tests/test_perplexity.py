@@ -95,4 +95,4 @@ def test_cli_perplexity_chat_and_streaming_generate(tmp_path, tiny_overrides):
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("assistant> ") == 2
     bad = jaxgpt("generate", "--run-dir", run, "--repetition-penalty", "-1")
-    assert bad.returncode == 2 and "repetition_penalty" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 2 and "repetition-penalty" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
