@@ -21,6 +21,7 @@ from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import SamplingParams, generate_ids, stream_ids
 from jaxgpt.perplexity import PerplexityResult, perplexity
 from jaxgpt.scoring import Score, score_ids
+from jaxgpt.textstream import TextStream, cut_at_stop
 from jaxgpt.model import GPT, init_params, merge_lora, param_count, unstack_layers
 
 
@@ -70,7 +71,7 @@ class LanguageModel:
             pieces = self._stream(ids, max_new_tokens, stops, common)
             return (p[0] for p in pieces) if isinstance(prompt, str) else pieces
         new_ids = generate_ids(self.params, self.cfg.model, ids, max_new_tokens, **common)
-        texts = [_cut_at_stop(self.tokenizer.decode(row), stops) for row in new_ids]
+        texts = [cut_at_stop(self.tokenizer.decode(row), stops) for row in new_ids]
         return texts[0] if isinstance(prompt, str) else texts
 
     def _stop_ids(self, stops: list[str]) -> list[list[int]]:
@@ -85,34 +86,12 @@ class LanguageModel:
 
     def _stream(self, ids, max_new_tokens, stops, common) -> Iterator[list[str]]:
         """Text pieces per row as chunks of tokens arrive; a row stops at its first stop string."""
-        row_ids: list[list[int]] = [[] for _ in ids]
-        shown = ["" for _ in ids]
-        finished = [False] * len(ids)
-
-        def pieces(final: bool) -> list[str]:
-            out = []
-            for b in range(len(ids)):
-                full = self.tokenizer.decode(row_ids[b])
-                text = _cut_at_stop(full, stops)
-                finished[b] = finished[b] or text != full
-                if not (final or finished[b]):
-                    # Hold back half a UTF-8 character and anything that may be the start of a stop string.
-                    text = text.rstrip("\ufffd")
-                    text = text[:len(text) - max((k for st in stops for k in range(1, len(st))
-                                                  if text.endswith(st[:k])), default=0)]
-                piece = text[len(shown[b]):] if text.startswith(shown[b]) else ""
-                shown[b] += piece
-                out.append(piece)
-            return out
-
+        rows = [TextStream(self.tokenizer.decode, stops) for _ in ids]
         for new in stream_ids(self.params, self.cfg.model, ids, max_new_tokens, **common):
-            for b, toks in enumerate(new):
-                if not finished[b]:
-                    row_ids[b] += toks
-            yield pieces(final=False)
-            if all(finished):
+            yield [row.feed(toks) for row, toks in zip(rows, new)]
+            if all(row.stopped for row in rows):
                 return
-        yield pieces(final=True)
+        yield [row.feed([], final=True) for row in rows]
 
     def quantized(self, mode: str = "int8", embeddings: bool = True) -> LanguageModel:
         """A copy with int8 matmul weights (per-output-channel scales), dequantized under jit (jaxgpt.quantize)."""
@@ -163,12 +142,6 @@ class LanguageModel:
 def _forward(cfg):
     """One jitted full forward per model config (recompiled only per text length)."""
     return jax.jit(lambda params, tokens_BxT: GPT(cfg).apply({"params": params}, tokens_BxT)[0])
-
-
-def _cut_at_stop(text: str, stop: str | list[str] | None) -> str:
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    cuts = [text.index(s) for s in stops if s and s in text]
-    return text[:min(cuts)] if cuts else text
 
 
 def load(run_dir: str | Path, checkpoint: str = "best", quantize: str | None = None) -> LanguageModel:

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
-from jaxgpt.generate import _cut, _forward, left_pad, prompt_bucket
+from jaxgpt.generate import cut_at_eos, forward_cached, left_pad, prompt_bucket
 from jaxgpt.model import init_cache
 
 
@@ -28,8 +28,8 @@ def _beam_decoder(cfg: ModelConfig, max_new_tokens: int, num_beams: int):
     def decode(params, prompt_BxP, start_B, eos_id, n_vocab, min_new_tokens, length_penalty):
         B, P = prompt_BxP.shape
         start_R = jnp.repeat(start_B, K)  # R = B*K rows, beams of a prompt adjacent
-        logits_RxPxV, cache = _forward(cfg, params, jnp.repeat(prompt_BxP, K, axis=0), init_cache(cfg, B * K, P + N),
-                                       0, start_R, n_vocab)
+        logits_RxPxV, cache = forward_cached(cfg, params, jnp.repeat(prompt_BxP, K, axis=0),
+                                             init_cache(cfg, B * K, P + N), 0, start_R, n_vocab)
         # Only beam 0 is live at first, so the first step does not pick K copies of the same token.
         score_BxK = jnp.where(jnp.arange(K) == 0, 0.0, -jnp.inf)[None].repeat(B, 0)
         state = (jnp.int32(0), cache, logits_RxPxV[:, -1], score_BxK, jnp.full((B, K, N), eos_id, jnp.int32),
@@ -56,7 +56,8 @@ def _beam_decoder(cfg: ModelConfig, max_new_tokens: int, num_beams: int):
             done_BxK = was_done_BxK | (token_BxK == eos_id)
             rows_R = (jnp.arange(B)[:, None] * K + parent_BxK).reshape(-1)
             cache = jax.tree.map(lambda c: c[rows_R], cache)  # each beam inherits its parent's keys/values
-            logits_Rx1xV, cache = _forward(cfg, params, token_BxK.reshape(-1, 1), cache, P + i, start_R, n_vocab)
+            logits_Rx1xV, cache = forward_cached(cfg, params, token_BxK.reshape(-1, 1), cache, P + i, start_R,
+                                                 n_vocab)
             return i + 1, cache, logits_Rx1xV[:, 0], score_BxK, out_BxKxN, done_BxK, len_BxK
 
         _, _, _, score_BxK, out_BxKxN, _, len_BxK = jax.lax.while_loop(cond, body, state)
@@ -87,4 +88,4 @@ def beam_search_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_
     out_BxN = _beam_decoder(cfg, max_new_tokens, num_beams)(
         params, tokens_BxP, start_B, np.int32(eos_id), np.int32(n_vocab or cfg.vocab_size), np.int32(min_new_tokens),
         np.float32(length_penalty))
-    return [_cut(row, eos_id) for row in np.asarray(out_BxN).tolist()]
+    return [cut_at_eos(row, eos_id) for row in np.asarray(out_BxN).tolist()]

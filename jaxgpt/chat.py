@@ -24,7 +24,7 @@ import numpy as np
 from jaxgpt import conversation
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
-from jaxgpt.generate import (DecodeState, SamplingParams, _forward, check_sampling, continuer, presence,
+from jaxgpt.generate import (DecodeState, SamplingParams, check_sampling, continuer, forward_cached, presence,
                              prompt_bucket, row_keys, stop_array, traced_sampling)
 from jaxgpt.model import init_cache
 
@@ -39,7 +39,7 @@ def _chunk_prefiller(cfg: ModelConfig):
     """Write a right-padded chunk of tokens into the cache at `pos`; next-token logits after its last real token."""
 
     def run(params, cache, chunk_1xT, pos, n_real, n_vocab):
-        logits_1xTxV, cache = _forward(cfg, params, chunk_1xT, cache, pos, None, n_vocab)
+        logits_1xTxV, cache = forward_cached(cfg, params, chunk_1xT, cache, pos, None, n_vocab)
         # Padding after the real tokens lands in slots the reply overwrites before anything attends to them.
         return jax.lax.dynamic_index_in_dim(logits_1xTxV, n_real - 1, axis=1, keepdims=False), cache
 

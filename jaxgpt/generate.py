@@ -140,7 +140,7 @@ def stop_hit(recent_BxM: jax.Array, stop_SxM: jax.Array) -> jax.Array:
     return jnp.any(jnp.all(same_BxSxM, axis=-1) & jnp.any(stop_SxM != -1, axis=-1)[None], axis=-1)
 
 
-def _forward(cfg: ModelConfig, params, tokens_BxT, cache, index, start_B, n_vocab):
+def forward_cached(cfg: ModelConfig, params, tokens_BxT, cache, index, start_B, n_vocab):
     """Logits BxTxV (vocabulary padding -inf) and the cache with this chunk written at `index`."""
     logits_BxTxV, cache = GPT(cfg).apply({"params": params}, tokens_BxT, cache=cache, cache_index=index,
                                          start_B=start_B)
@@ -150,7 +150,7 @@ def _forward(cfg: ModelConfig, params, tokens_BxT, cache, index, start_B, n_voca
 def prefill(cfg: ModelConfig, params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM, length: int) -> DecodeState:
     """Run the left-padded prompts through a fresh cache of `length` slots."""
     B, P = prompt_BxP.shape
-    logits_BxPxV, cache = _forward(cfg, params, prompt_BxP, init_cache(cfg, B, length), 0, start_B, n_vocab)
+    logits_BxPxV, cache = forward_cached(cfg, params, prompt_BxP, init_cache(cfg, B, length), 0, start_B, n_vocab)
     real_BxP = jnp.arange(P)[None, :] >= start_B[:, None]
     seq_BxL = jnp.full((B, length), -1, jnp.int32).at[:, :P].set(jnp.where(real_BxP, prompt_BxP, -1))
     M = stop_SxM.shape[1]
@@ -176,7 +176,7 @@ def decode_loop(cfg: ModelConfig, params, state: DecodeState, start_B, limit, sa
         seen_BxV = st.seen_BxV.at[rows_B, jnp.where(token_B >= 0, token_B, cfg.vocab_size)].set(True, mode="drop")
         recent_BxM = jnp.concatenate([st.recent_BxM[:, 1:], token_B[:, None]], axis=1)
         done_B = st.done_B | (token_B == eos_id) | stop_hit(recent_BxM, stop_SxM)
-        logits_Bx1xV, cache = _forward(cfg, params, token_B[:, None], st.cache, st.pos, start_B, n_vocab)
+        logits_Bx1xV, cache = forward_cached(cfg, params, token_B[:, None], st.cache, st.pos, start_B, n_vocab)
         return DecodeState(st.i + 1, st.pos + 1, cache, logits_Bx1xV[:, 0], seq_BxL, seen_BxV, recent_BxM, done_B,
                            st.keys_B)
 
@@ -274,7 +274,8 @@ def _prepare(cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop
                     np.int32(n_vocab or cfg.vocab_size))
 
 
-def _cut(row: list[int], eos_id: int) -> list[int]:
+def cut_at_eos(row: list[int], eos_id: int) -> list[int]:
+    """A row's tokens before its first end-of-text."""
     return row[:row.index(eos_id)] if eos_id in row else row
 
 
@@ -299,7 +300,7 @@ def _generate(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, s
     r = _prepare(cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids, ngram, keys_B)
     out_BxN, done_B = _get_decoder(cfg, max_new_tokens, ngram)(params, r.tokens_BxP, r.start_B, r.keys_B, r.sampling,
                                                                r.eos_id, r.n_vocab, r.stop_SxM)
-    return [_cut(row, eos_id) for row in np.asarray(out_BxN).tolist()], np.asarray(done_B).tolist()
+    return [cut_at_eos(row, eos_id) for row in np.asarray(out_BxN).tolist()], np.asarray(done_B).tolist()
 
 
 def needs_slide(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> bool:
@@ -393,7 +394,7 @@ def _stream(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, see
         rows = np.asarray(state.seq_BxL[:, P + emitted:P + produced]).tolist()
         out = []
         for b, row in enumerate(rows):
-            new = [] if ended[b] else _cut(row, eos_id)
+            new = [] if ended[b] else cut_at_eos(row, eos_id)
             ended[b] = ended[b] or len(new) < len(row)
             out.append(new)
         ended = [e or d for e, d in zip(ended, np.asarray(state.done_B).tolist())]

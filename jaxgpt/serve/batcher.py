@@ -34,6 +34,7 @@ from jaxgpt.sampling import SamplingParams
 from jaxgpt.serve.engines import as_engine
 from jaxgpt.serve.metrics import Metrics
 from jaxgpt.serve.protocol import ApiError
+from jaxgpt.textstream import TextStream
 
 log = logging.getLogger("jaxgpt.serve")
 
@@ -54,7 +55,7 @@ class Job:
     emit: Emit
     cancelled: bool = False  # set by the HTTP side when the client goes away
     ids: list[int] = field(default_factory=list)
-    shown: str = ""
+    text: TextStream | None = None  # the decoded text shown so far (made at the first chunk)
     finished: bool = False
     queued_at: float = 0.0
 
@@ -66,22 +67,14 @@ class Job:
 
     def feed(self, new_ids: list[int], ended: bool, decode: Callable[[list[int]], str]) -> None:
         """Add this chunk's tokens; send the text that is now certain; finish if the row is done."""
-        self.ids += new_ids
-        reason = None
-        if len(self.ids) >= self.max_new_tokens:
-            self.ids, reason = self.ids[:self.max_new_tokens], "length"
-        elif ended:
-            reason = "stop"  # end-of-text
-        text = decode(self.ids)
-        cuts = [text.index(s) for s in self.stops if s in text]
-        if cuts:
-            text, reason = text[:min(cuts)], "stop"
-        if reason is None:
-            text = text.rstrip("\ufffd")  # half a UTF-8 character: wait for the rest
-            text = text[:len(text) - max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
-                                         default=0)]
-        piece = text[len(self.shown):] if text.startswith(self.shown) else ""
-        self.shown += piece
+        if self.text is None:
+            self.text = TextStream(decode, self.stops)
+        room = self.max_new_tokens - len(self.ids)
+        self.ids += new_ids[:room]
+        reason = "length" if len(self.ids) >= self.max_new_tokens else "stop" if ended else None
+        piece = self.text.feed(new_ids[:room], final=reason is not None)
+        if self.text.stopped:
+            reason = "stop"
         if piece:
             self.emit(("text", piece))
         if reason:
