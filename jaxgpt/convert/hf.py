@@ -263,7 +263,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] | di
     try:
         # val_loss inf: no evaluation yet, so any fine-tuned checkpoint counts as better.
         opt_state = make_optimizer(cfg.train).init(params)
-        ckpt_writer.save(0, {"params": params, "opt_state": opt_state}, float("inf"))
+        ckpt_writer.save(0, {"params": params, "opt_state": opt_state}, {"val_loss": float("inf")})
     finally:
         ckpt_writer.close()
     return cfg
