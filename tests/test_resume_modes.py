@@ -3,6 +3,7 @@ and `jaxgpt dpo`, then the same command again: the run finishes, and every logge
 steps equals an uninterrupted run's, bit for bit (CPU)."""
 
 import json
+import re
 import math
 import os
 import signal
@@ -92,7 +93,8 @@ def test_finetune_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path)
     run_dir = tmp_path / "killed"
     resumed, out = kill_then_resume(args + ["--run-dir", str(run_dir)], run_dir, [(4, "save"), (9, "mid-line")],
                                     "metrics.jsonl")
-    assert "resuming from step 8" in out  # the checkpoint of the last evaluation before the kill
+    # The last good checkpoint before the kill (8, or 4 when step 8's asynchronous save had not finished).
+    assert re.search(r"resuming from step (4|8)\b", out), out[-500:]
     assert_same(resumed, reference)
     assert len({r["lr"] for r in reference}) > 3  # the schedule and the plateau scale really moved
 
