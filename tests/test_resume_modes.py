@@ -3,9 +3,9 @@ and `jaxgpt dpo`, then the same command again: the run finishes, and every logge
 steps equals an uninterrupted run's, bit for bit (CPU)."""
 
 import json
-import re
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
