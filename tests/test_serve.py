@@ -11,21 +11,19 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import jaxgpt
 from jaxgpt.generate import SamplingParams
 from jaxgpt.serve import create_app
 from jaxgpt.serve.batcher import Batcher, Job
+from serving import free_port, serve_in_thread
 
 PROMPTS = ["The class", "A function is", "import os", "Return the"]
 
@@ -42,26 +40,10 @@ def model(run_dir):
     return jaxgpt.load(run_dir)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(model):
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model, "tiny", max_batch=8, max_wait_ms=20), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(create_app(model, "tiny", max_batch=8, max_wait_ms=20)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +159,7 @@ def test_close_fails_queued_jobs_with_503(model):
 
 
 def test_sigterm_finishes_the_stream_in_flight_then_exits(run_dir):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.cli", "serve", "--run-dir", str(run_dir), "--port",
                              str(port), "--stream-chunk", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})

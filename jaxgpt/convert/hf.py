@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -256,16 +257,27 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overrides: list[str] | di
     params = jax.tree.map(lambda a: jax.numpy.asarray(a, dtype), ckpt.params)
     if cfg.model.scan_layers:  # the checkpoint must have the layout training restores into
         params = stack_layers(params, cfg.model.n_layer)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(run_dir / "tokenizer")
-    config_lib.save_json(cfg, run_dir / "config.json")
-    ckpt_writer = Checkpointer(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise JaxgptError(f"'{run_dir}' is not empty; import into a new --run-dir")
+    # Built beside the target and renamed into place: a failed import leaves nothing at --run-dir.
+    run_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir.absolute().parent, prefix=f".{run_dir.name}.import-"))
     try:
-        # val_loss inf: no evaluation yet, so any fine-tuned checkpoint counts as better.
-        opt_state = make_optimizer(cfg.train).init(params)
-        ckpt_writer.save(0, {"params": params, "opt_state": opt_state}, {"val_loss": float("inf")})
-    finally:
-        ckpt_writer.close()
+        tok.save(tmp / "tokenizer")
+        ckpt_writer = Checkpointer(tmp)
+        try:
+            # val_loss inf: no evaluation yet, so any fine-tuned checkpoint counts as better.
+            opt_state = make_optimizer(cfg.train).init(params)
+            ckpt_writer.save(0, {"params": params, "opt_state": opt_state}, {"val_loss": float("inf")})
+        finally:
+            ckpt_writer.close()
+        config_lib.save_json(cfg, tmp / "config.json")
+        if run_dir.exists():
+            run_dir.rmdir()  # empty, checked above
+        os.replace(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return cfg
 
 
