@@ -93,8 +93,10 @@ def test_finetune_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path)
     run_dir = tmp_path / "killed"
     resumed, out = kill_then_resume(args + ["--run-dir", str(run_dir)], run_dir, [(4, "save"), (9, "mid-line")],
                                     "metrics.jsonl")
-    # The last good checkpoint before the kill (8, or 4 when step 8's asynchronous save had not finished).
-    assert re.search(r"resuming from step (4|8)\b", out), out[-500:]
+    # From a checkpoint written before the kill at step 9 (which one depends on how far the asynchronous
+    # saves had got when the process died).
+    resumed_from = re.search(r"resuming from step (\d+)", out)
+    assert resumed_from and 0 < int(resumed_from.group(1)) <= 8, out[-500:]
     assert_same(resumed, reference)
     assert len({r["lr"] for r in reference}) > 3  # the schedule and the plateau scale really moved
 
