@@ -10,7 +10,6 @@ import os
 import pickle
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ from jaxgpt.data import corpus, sources, tokenizers
 from jaxgpt.errors import JaxgptError
 from jaxgpt.train import checkpoint as ckpt_lib
 from jaxgpt.train import train
+from killing import kill_then_resume
 
 RUN_STEPS = {"train.steps": 6, "train.save_every": 2, "train.eval_every": 2, "train.log_every": 1,
              "train.batch_size": 8, "train.lr": 3e-3, "train.warmup_steps": 2}
@@ -333,36 +333,6 @@ def test_pickle_named_safetensors_is_refused_unexecuted(tmp_path):
 
 # ---- kill -9 anywhere, then resume: same metrics, and the best checkpoint never gets worse ----------
 
-DRIVER = textwrap.dedent("""
-    import json, os, signal, sys
-    from jaxgpt import config
-    from jaxgpt.train import train
-    from jaxgpt.train import checkpoint, metrics_log
-
-    overrides, run_dir, kill_at, where = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-    save, write = checkpoint.Checkpointer.save, metrics_log.MetricsLog.write
-
-    def killing_save(self, step, *rest):
-        save(self, step, *rest)  # the async write is now in flight
-        if step == kill_at and where == "save":
-            die()
-
-    def killing_write(self, record):
-        if record["step"] == kill_at and where == "mid-line":
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record)[:25])
-                f.flush()
-            die()
-        write(self, record)
-        if record["step"] == kill_at and where == "step":
-            die()
-
-    checkpoint.Checkpointer.save, metrics_log.MetricsLog.write = killing_save, killing_write
-    train(config.load(None, overrides), run_dir)
-""")
-
-
 def _best_val_loss(run_dir):
     values = [json.loads((p / "meta" / "metadata").read_text())["val_loss"]
               for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit() and (p / "meta" / "metadata").is_file()]
@@ -380,19 +350,23 @@ def test_kill_9_anywhere_then_resume_equals_uninterrupted(tmp_path, corpus_dir, 
     rng = random.Random(1234)  # a fixed seed: the same kill points on every run of the suite
     first, second = sorted(rng.sample(range(1, steps // 2), 1) + rng.sample(range(steps // 2, steps), 1))
     plan = [(first + first % 2, "save"), (second, rng.choice(["mid-line", "step"]))]  # saves are at even steps
-    run_dir, best = tmp_path / "killed", float("inf")
-    for kill_at, where in plan + [(-1, "never")]:
-        proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(overrides), str(run_dir), str(kill_at), where],
-                              capture_output=True, text=True, timeout=300)
-        expected = 0 if where == "never" else -signal.SIGKILL
-        assert proc.returncode == expected, f"{kill_at} {where}: {proc.stderr[-2000:]}"
-        now = _best_val_loss(run_dir)
-        assert now <= best, f"best checkpoint got worse after a kill at step {kill_at} ({where})"
-        best = now
+    cfg = tmp_path / "run.yaml"  # JSON is YAML: the same settings as a config file for `jaxgpt train --config`
+    nested = {}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    cfg.write_text(json.dumps(nested))
+    run_dir, best = tmp_path / "killed", [float("inf")]
 
+    def best_never_worse(kill_at, where):
+        now = _best_val_loss(run_dir)
+        assert now <= best[0], f"best checkpoint got worse after a kill at step {kill_at} ({where})"
+        best[0] = now
+
+    kill_then_resume(["train", "--config", cfg, "--run-dir", run_dir], plan, best_never_worse)
     resumed = metric_rows(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     for key in ("train_loss", "val_loss", "grad_norm"):
         np.testing.assert_allclose([r.get(key, 0.0) for r in resumed], [r.get(key, 0.0) for r in reference],
                                    rtol=1e-6, err_msg=key)
-    assert best == min(r["val_loss"] for r in reference if "val_loss" in r)
+    assert best[0] == min(r["val_loss"] for r in reference if "val_loss" in r)

@@ -7,59 +7,17 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from jaxgpt.cli import main
-
-# `jaxgpt ARGS...` that SIGKILLs itself at step `kill_at`: right after that step's save started ("save"), after
-# its metrics line ("step"), or halfway through writing that line ("mid-line").
-DRIVER = textwrap.dedent("""
-    import json, os, signal, sys
-    from jaxgpt.cli import main
-    from jaxgpt.train import checkpoint, metrics_log
-
-    args, kill_at, where = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-    save, write = checkpoint.Checkpointer.save, metrics_log.MetricsLog.write
-
-    def killing_save(self, step, *rest):
-        save(self, step, *rest)  # the async write is now in flight
-        if step == kill_at and where == "save":
-            die()
-
-    def killing_write(self, record):
-        mine = record.get("step") == kill_at and self.path.name.endswith("metrics.jsonl")
-        if mine and where == "mid-line":
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record)[:25])
-            die()
-        write(self, record)
-        if mine and where == "step":
-            die()
-
-    checkpoint.Checkpointer.save, metrics_log.MetricsLog.write = killing_save, killing_write
-    sys.exit(main(args))
-""")
+from killing import kill_then_resume
 
 TIMING = ("sec", "tokens_per_sec", "mfu")
 
 
 def rows(path):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
-
-
-def kill_then_resume(args, run_dir, plan, metrics_file):
-    """Run `args` killed at each (step, where) of `plan`, then once more to the end: (metrics rows, its stdout)."""
-    for kill_at, where in plan + [(-1, "never")]:
-        proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args), str(kill_at), where],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        expected = 0 if where == "never" else -signal.SIGKILL
-        assert proc.returncode == expected, f"{kill_at} {where}: {proc.stderr[-2000:]}"
-    return rows(run_dir / metrics_file), proc.stdout
 
 
 def assert_same(resumed, reference):
@@ -91,8 +49,8 @@ def test_finetune_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path)
     assert main(args + ["--run-dir", str(tmp_path / "reference")]) == 0
     reference = rows(tmp_path / "reference" / "metrics.jsonl")
     run_dir = tmp_path / "killed"
-    resumed, out = kill_then_resume(args + ["--run-dir", str(run_dir)], run_dir, [(4, "save"), (9, "mid-line")],
-                                    "metrics.jsonl")
+    out = kill_then_resume(args + ["--run-dir", run_dir], [(4, "save"), (9, "mid-line")])
+    resumed = rows(run_dir / "metrics.jsonl")
     # From a checkpoint written before the kill at step 9 (which one depends on how far the asynchronous
     # saves had got when the process died).
     resumed_from = re.search(r"resuming from step (\d+)", out)
@@ -111,8 +69,8 @@ def test_rl_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path):
     assert main(args + ["--run-dir", str(tmp_path / "reference")]) == 0
     reference = rows(tmp_path / "reference" / "rl_metrics.jsonl")
     run_dir = tmp_path / "killed"
-    resumed, _ = kill_then_resume(args + ["--run-dir", str(run_dir)], run_dir, [(2, "save"), (5, "mid-line")],
-                                  "rl_metrics.jsonl")
+    kill_then_resume(args + ["--run-dir", run_dir], [(2, "save"), (5, "mid-line")])
+    resumed = rows(run_dir / "rl_metrics.jsonl")
     assert_same(resumed, reference)
     assert rows(run_dir / "rl_samples.jsonl") == rows(tmp_path / "reference" / "rl_samples.jsonl")
     meta = json.loads((run_dir / "checkpoints" / "selection.json").read_text())
@@ -133,8 +91,8 @@ def test_dpo_killed_then_resumed_equals_uninterrupted(pretrained, tmp_path):
     assert main(args + ["--run-dir", str(tmp_path / "reference")]) == 0
     reference = rows(tmp_path / "reference" / "rl_metrics.jsonl")
     run_dir = tmp_path / "killed"
-    resumed, _ = kill_then_resume(args + ["--run-dir", str(run_dir)], run_dir, [(2, "save"), (4, "step")],
-                                  "rl_metrics.jsonl")
+    kill_then_resume(args + ["--run-dir", run_dir], [(2, "save"), (4, "step")])
+    resumed = rows(run_dir / "rl_metrics.jsonl")
     assert_same(resumed, reference)
 
 
