@@ -2,6 +2,10 @@
 
     model = jaxgpt.load_exported("exported/shakespeare")
     model.generate("ROMEO:", max_new_tokens=50, temperature=0.8, top_k=40, seed=1)
+    model.score("The capital of France is", " Paris")  # (sum of log-probs, is greedy), as LanguageModel.score
+
+Artifacts exported before scoring programs existed (manifest format 1) generate only; scoring them asks
+for a re-export.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from jaxgpt import conversation
 from jaxgpt.data import tokenizers
 from jaxgpt.errors import JaxgptError
+from jaxgpt.score_rows import Score, TokenLogprobs, batched_logprobs, check_rows, score_texts
 
 
 class ExportedModel:
@@ -34,16 +39,18 @@ class ExportedModel:
         self.tokenizer = tokenizers.load(folder / "tokenizer")
         self.template = conversation.for_run(folder)  # the run dir's chat template (DEFAULT in older exports)
         self.programs = {(p["prompt_bucket"], p["batch"]): (folder / p["file"]) for p in m["programs"]}
+        self.score_programs = {(p["length"], p["batch"]): (folder / p["file"]) for p in m.get("score_programs", [])}
         self._loaded: dict = {}
 
-    def _program(self, bucket: int, batch: int):
-        key = (bucket, None) if (bucket, None) in self.programs else (bucket, batch)
-        if key not in self.programs:
-            sizes = sorted({b for _, b in self.programs if b})
+    def _program(self, bucket: int, batch: int, programs: dict | None = None):
+        programs = self.programs if programs is None else programs
+        key = (bucket, None) if (bucket, None) in programs else (bucket, batch)
+        if key not in programs:
+            sizes = sorted({b for _, b in programs if b})
             raise JaxgptError(f"this export has no program for batch {batch}; exported batch sizes: {sizes}")
-        if key not in self._loaded:
-            self._loaded[key] = jax.export.deserialize(bytearray(self.programs[key].read_bytes()))
-        return self._loaded[key]
+        if programs[key] not in self._loaded:
+            self._loaded[programs[key]] = jax.export.deserialize(bytearray(programs[key].read_bytes()))
+        return self._loaded[programs[key]]
 
     @property
     def block_size(self) -> int:
@@ -53,6 +60,33 @@ class ExportedModel:
     def batch_sizes(self) -> list[int] | None:
         """The batch sizes its programs take; None where every program takes any (a symbolic batch)."""
         return sorted({b for _, b in self.programs if b}) or None
+
+    @property
+    def can_score(self) -> bool:
+        """Whether it holds scoring programs (exports made before they existed do not)."""
+        return bool(self.score_programs)
+
+    def token_logprobs(self, rows: list[list[int]], top_n: int = 0, batch_size: int = 8) -> list[TokenLogprobs]:
+        """Per-token log-probabilities of each row of token ids, as `jaxgpt.scoring.token_logprobs` gives them."""
+        if not self.can_score:
+            raise JaxgptError("this export holds no scoring program (it was made before jaxgpt exported one); "
+                              "re-export it with `jaxgpt export` to score or get logprobs")
+        m = self.manifest
+        check_rows(rows, m["block_size"], top_n, min(m["n_vocab"], m["score_top"]))
+        sizes = sorted({b for _, b in self.score_programs if b})
+        padded_rows = (lambda n: next(s for s in sizes if s >= n)) if sizes else (lambda n: n)
+        batch_size = min(batch_size, max(sizes)) if sizes else batch_size
+
+        def run(tokens_BxT: np.ndarray):
+            program = self._program(tokens_BxT.shape[1], tokens_BxT.shape[0], self.score_programs)
+            return jax.device_get(program.call(self.weights, tokens_BxT, np.int32(m["n_vocab"])))
+
+        return batched_logprobs(run, rows, m["block_size"], top_n, batch_size, padded_rows)
+
+    def score(self, context: str | list[str], continuation: str | list[str]) -> Score | list[Score]:
+        """log p(continuation | context) summed over its tokens, and whether greedy decoding gives it
+        (`jaxgpt.LanguageModel.score`: strings in, one Score out; lists in, lists out)."""
+        return score_texts(self.tokenizer, self.block_size, context, continuation, self.token_logprobs)
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
         """New ids per prompt (keywords as `stream_ids`, without `chunk`)."""

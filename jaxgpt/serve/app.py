@@ -226,8 +226,8 @@ async def _generate(request: HttpRequest, chat: bool):
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{serving.name}'",
                        param="model", code="model_not_found")
     if req.logprobs is not None and not serving.engine.can_score:
-        raise ApiError(400, "logprobs are not supported when serving an exported artifact (it holds generation "
-                            "programs only); serve the run dir (`jaxgpt serve --run-dir`) for logprobs",
+        raise ApiError(400, "this exported artifact holds no scoring program (it was exported before jaxgpt "
+                            "exported one); re-export it with `jaxgpt export` for logprobs",
                        param="logprobs", code="logprobs_not_supported")
     events, emit = _channel()
     prompts = _prompt_ids(serving, req)

@@ -1,4 +1,4 @@
-"""OpenAI `logprobs` objects from jaxgpt.scoring results, in the completions and the chat shapes.
+"""OpenAI `logprobs` objects from jaxgpt.score_rows results, in the completions and the chat shapes.
 
 Completions (legacy): `{tokens, token_logprobs, top_logprobs, text_offset}`, one entry per token. With
 `echo` the prompt's tokens come first and the very first token has `null` (it has no context). Each
@@ -15,10 +15,9 @@ A token that is only part of a UTF-8 character is written `bytes:\\xNN...` as Op
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # the model code (Flax) stays out of a server of an exported artifact
-    from jaxgpt.scoring import TokenLogprobs
+from jaxgpt.score_rows import TokenLogprobs
 
 
 def token_bytes(tokenizer, token_id: int) -> bytes:
