@@ -147,12 +147,17 @@ def test_echo_logprobs_equal_the_live_model(base_url, live):
             np.testing.assert_allclose([top[k] for k in expected], list(expected.values()), atol=1e-5)
 
 
-def test_chat_logprobs_are_greedy_tokens(client):
-    r = client.chat.completions.create(model="tiny-export", messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+def test_chat_logprobs_are_greedy_tokens_and_stream(client):
+    body = dict(model="tiny-export", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0,
+                logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**body)
     content = r.choices[0].logprobs.content
     assert "".join(c.token for c in content) == r.choices[0].message.content
     assert all(c.logprob == c.top_logprobs[0].logprob and c.token == c.top_logprobs[0].token for c in content)
+    chunks = [c.choices[0] for c in client.chat.completions.create(**body, stream=True)]  # 4 tokens a chunk
+    streamed = [t for c in chunks if c.logprobs is not None for t in c.logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, content)) < 1e-5
 
 
 def test_an_old_export_serves_and_answers_logprobs_with_a_clear_400(exported, tmp_path):
