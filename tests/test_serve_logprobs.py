@@ -188,7 +188,8 @@ def test_chat_logprobs(client):
 
 
 def _assert_same_completion_logprobs(streamed: list[dict], whole: dict):
-    joined = {k: sum((lp[k] for lp in streamed), []) for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    joined = {k: sum((lp[k] for lp in streamed), []) for k in keys}
     assert joined["tokens"] == whole["tokens"] and joined["text_offset"] == whole["text_offset"]
     np.testing.assert_allclose(joined["token_logprobs"], whole["token_logprobs"], atol=1e-5)
     for got, want in zip(joined["top_logprobs"], whole["top_logprobs"], strict=True):
