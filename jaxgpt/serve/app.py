@@ -320,12 +320,13 @@ async def _sse(serving: Serving, req, rid, jobs, prompts, events, emit):
         """(text, logprobs, finish_reason) ready to send after this event; queues the scoring it needs."""
         if streamed is None:
             return [(rest[0], None, None) if kind == "text" else ("", None, rest[0])]
-        choice = streamed[index]
+        held = streamed[index]
         if kind == "scored":
-            ready, row = choice.scored(rest[0])
-        else:
-            ready, row = choice.add(*((rest[0], list(jobs[index].ids)) if kind == "text" else
-                                      ("", list(jobs[index].ids), rest[0])))
+            ready, row = held.scored(rest[0])
+        elif kind == "text":
+            ready, row = held.add(rest[0], list(jobs[index].ids))
+        else:  # done: the final ids may end in tokens that add no text
+            ready, row = held.add("", list(jobs[index].ids), finish_reason=rest[0])
         if row is not None:
             score_jobs.append(ScoreJob(row, req.logprobs, lambda ev, index=index: emit((index, *ev))))
             serving.batcher.submit(score_jobs[-1:])
