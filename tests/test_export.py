@@ -91,6 +91,19 @@ def test_stream_ids_in_chunks_equals_generate_ids(exported):
     assert [sum(rows, []) for rows in zip(*pieces)] == em.generate_ids(ids, 12, temperature=0.0)
 
 
+def test_fixed_batch_sizes_where_a_symbolic_batch_does_not_export(live, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("no symbolic shapes here")
+
+    monkeypatch.setattr(jax.export, "symbolic_shape", refuse)
+    out = export_model(live, tmp_path / "fixed", batch_sizes=(1, 2), prompt_buckets=(16,), max_new_tokens=8)
+    em = load_exported(out)
+    assert em.batch_sizes == [1, 2] and sorted({b for _, b in em.score_programs}) == [1, 2]
+    rows = [live.tokenizer.encode(p) for p in PROMPTS]  # 3 rows: batches of 2 and 1
+    _assert_same_logprobs(em, live, rows, top_n=2)
+    assert em.generate(PROMPTS[:2], 6, temperature=0.0) == live.generate(PROMPTS[:2], 6, temperature=0.0)
+
+
 def test_an_export_without_scoring_programs_generates_and_asks_for_a_re_export(exported, tmp_path):
     old = shutil.copytree(exported, tmp_path / "format1")
     manifest = json.loads((old / "manifest.json").read_text())
