@@ -20,7 +20,8 @@ from jaxgpt.chat import ChatSession
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import SamplingParams, generate_ids, stream_ids
 from jaxgpt.perplexity import PerplexityResult, perplexity
-from jaxgpt.scoring import Score, score_ids
+from jaxgpt.score_rows import Score, score_texts
+from jaxgpt.scoring import token_logprobs
 from jaxgpt.textstream import TextStream, cut_at_stop
 from jaxgpt.model import GPT, init_params, merge_lora, param_count, unstack_layers
 
@@ -116,17 +117,9 @@ class LanguageModel:
         encoded separately and joined; an empty context starts from end-of-text. Log-probabilities are
         float32 from the forward pass `logits` runs (see jaxgpt.scoring).
         """
-        single = isinstance(context, str)
-        contexts, continuations = ([context], [continuation]) if single else (list(context), list(continuation))
-        tok = self.tokenizer
-        ctx_ids = [tok.encode(c) or [tok.eos_id] for c in contexts]
-        cont_ids = [tok.encode(c) for c in continuations]
-        for c, x in zip(ctx_ids, cont_ids):
-            if len(c) + len(x) > self.cfg.model.block_size:
-                raise JaxgptError(f"context + continuation is {len(c) + len(x)} tokens, longer than the model's "
-                                  f"context of {self.cfg.model.block_size}; shorten the context")
-        scores = score_ids(self.params, self.cfg.model, ctx_ids, cont_ids, n_vocab=tok.vocab_size)
-        return scores[0] if single else scores
+        return score_texts(self.tokenizer, self.cfg.model.block_size, context, continuation,
+                           lambda rows: token_logprobs(self.params, self.cfg.model, rows,
+                                                       n_vocab=self.tokenizer.vocab_size))
 
     def logits(self, text: str) -> np.ndarray:
         """TxV next-token logits for every position of `text` (float32)."""

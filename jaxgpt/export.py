@@ -1,9 +1,10 @@
 """Export a trained model as a self-contained inference artifact (`jax.export`, safetensors, JSON).
 
-The folder holds, per prompt bucket, the serialized StableHLO of prefill + the whole decode loop (batch
-size symbolic where it exports, else one file per batch size), the weights as safetensors, the tokenizer,
-the chat template (chat_template.json) and a manifest. `jaxgpt.exported.load_exported(folder)` runs it
-with JAX alone: no Flax, no model code.
+The folder holds, per prompt bucket, the serialized StableHLO of prefill + the whole decode loop, and per
+scoring length (`jaxgpt.score_rows.score_lengths`) a forward pass giving float32 log-probabilities and the
+top `MAX_TOP` alternatives per position (batch size symbolic where it exports, else one file per batch
+size); the weights as safetensors, the tokenizer, the chat template (chat_template.json) and a manifest.
+`jaxgpt.exported.load_exported(folder)` runs it with JAX alone: no Flax, no model code.
 
     jaxgpt export --run-dir runs/shakespeare --out exported/shakespeare [--quantize int8]
 """
@@ -21,8 +22,11 @@ import numpy as np
 from jaxgpt import conversation, files
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import SamplingParams, decode_loop, prefill
+from jaxgpt.sampling import MAX_TOP
+from jaxgpt.score_rows import score_lengths
+from jaxgpt.scoring import logprob_arrays
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scoring programs ("score_programs"); format 1 artifacts generate only
 MAX_STOP_SEQUENCES, MAX_STOP_TOKENS = 4, 8  # the exported stop-sequence array is fixed at 4 x 8
 
 
@@ -80,11 +84,30 @@ def _decode_fn(cfg, max_new_tokens: int, prepare: Callable | None):
     return decode
 
 
+def _score_fn(cfg, top_k: int, prepare: Callable | None):
+    """The exported scoring pass: (weights, tokens BxT, vocab) -> jaxgpt.scoring.logprob_arrays."""
+
+    def score(weights, tokens_BxT, n_vocab):
+        params = unflatten(weights)
+        return logprob_arrays(cfg, prepare(params) if prepare else params, tokens_BxT, n_vocab, top_k)
+
+    return score
+
+
+def _weight_specs(weights: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
+
+
+def _score_specs(weights: dict[str, np.ndarray], batch, length: int):
+    return (_weight_specs(weights), jax.ShapeDtypeStruct((batch, length), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+
+
 def _arg_specs(weights: dict[str, np.ndarray], batch, bucket: int):
     i32, f32 = jnp.int32, jnp.float32
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt)  # noqa: E731
     return (
-        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()},
+        _weight_specs(weights),
         jax.ShapeDtypeStruct((batch, bucket), i32), jax.ShapeDtypeStruct((batch,), i32),
         jax.ShapeDtypeStruct((batch, 2), jnp.uint32),
         scalar(f32), scalar(i32), scalar(f32), scalar(f32), scalar(i32), scalar(i32), scalar(i32),
@@ -125,34 +148,38 @@ def export_model(model, out: str | Path, *, batch_sizes: Sequence[int] = (1, 8),
 
         params, prepare = _int8_storage(quant.quantize_params(params, quantize)), _int8_arrays
     weights = flatten(params)
+    n_vocab = model.tokenizer.vocab_size
+    top_k = min(MAX_TOP, n_vocab)
     with files.output_folder(out, "export", force) as tmp:
-        fn = jax.jit(_decode_fn(cfg, max_new_tokens, prepare))
-        programs = []
-        for bucket in buckets:
-            try:  # one program for every batch size
-                (b,) = jax.export.symbolic_shape("b")
-                symbolic = jax.export.export(fn)(*_arg_specs(weights, b, bucket))
-            except Exception:  # noqa: BLE001  (not every op takes a symbolic batch; fall back to fixed sizes)
-                symbolic = None
-            if symbolic is not None:
-                programs.append(_write(tmp, symbolic, bucket, None))
-                continue
-            for batch in batch_sizes:
-                programs.append(_write(tmp, jax.export.export(fn)(*_arg_specs(weights, batch, bucket)), bucket, batch))
+        decode = jax.jit(_decode_fn(cfg, max_new_tokens, prepare))
+        programs = [dict(p, prompt_bucket=bucket) for bucket in buckets for p in _export_batches(
+            tmp, f"decode_p{bucket}", decode, lambda b, bucket=bucket: _arg_specs(weights, b, bucket), batch_sizes)]
+        score = jax.jit(_score_fn(cfg, top_k, prepare))
+        score_programs = [dict(p, length=length) for length in score_lengths(cfg.block_size) for p in _export_batches(
+            tmp, f"score_t{length}", score, lambda b, length=length: _score_specs(weights, b, length), batch_sizes)]
         save_file(weights, str(tmp / "weights.safetensors"))
         model.tokenizer.save(tmp / "tokenizer")
         conversation.save(model.template, tmp)  # chat_template.json, as the run dir records it
         manifest = {"format": FORMAT_VERSION, "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-                    "n_vocab": model.tokenizer.vocab_size, "eos_id": model.tokenizer.eos_id,
+                    "n_vocab": n_vocab, "eos_id": model.tokenizer.eos_id,
                     "max_new_tokens": max_new_tokens, "quantize": quantize or "none", "programs": programs,
+                    "score_programs": score_programs, "score_top": top_k,
                     "stop_shape": [MAX_STOP_SEQUENCES, MAX_STOP_TOKENS], "weights": sorted(weights),
                     "source_step": model.step}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
 
-def _write(out: Path, exported, bucket: int, batch: int | None) -> dict:
-    name = f"decode_p{bucket}" + ("" if batch is None else f"_b{batch}") + ".jaxexport"
-    (out / name).write_bytes(exported.serialize())
-    return {"file": name, "prompt_bucket": bucket, "batch": batch}
-
+def _export_batches(out: Path, stem: str, fn, specs: Callable, batch_sizes: Sequence[int]) -> list[dict]:
+    """Write `fn` exported for a symbolic batch size, else for each of `batch_sizes`; their manifest entries."""
+    try:  # one program for every batch size
+        (b,) = jax.export.symbolic_shape("b")
+        exported = {None: jax.export.export(fn)(*specs(b))}
+    except Exception:  # noqa: BLE001  (not every op takes a symbolic batch; fall back to fixed sizes)
+        exported = {batch: jax.export.export(fn)(*specs(batch)) for batch in batch_sizes}
+    entries = []
+    for batch, program in exported.items():
+        name = stem + ("" if batch is None else f"_b{batch}") + ".jaxexport"
+        (out / name).write_bytes(program.serialize())
+        entries.append({"file": name, "batch": batch})
+    return entries

@@ -2,6 +2,10 @@
 
     model = jaxgpt.load_exported("exported/shakespeare")
     model.generate("ROMEO:", max_new_tokens=50, temperature=0.8, top_k=40, seed=1)
+    model.score("The capital of France is", " Paris")  # (sum of log-probs, is greedy), as LanguageModel.score
+
+Artifacts exported before scoring programs existed (manifest format 1) generate only; scoring them asks
+for a re-export.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import numpy as np
 from jaxgpt import conversation
 from jaxgpt.data import tokenizers
 from jaxgpt.errors import JaxgptError
+from jaxgpt.sampling import SamplingParams, cut_at_eos, left_pad
+from jaxgpt.score_rows import Score, TokenLogprobs, batched_logprobs, check_rows, score_texts
+from jaxgpt.sliding import rounds
 
 
 class ExportedModel:
@@ -34,16 +41,18 @@ class ExportedModel:
         self.tokenizer = tokenizers.load(folder / "tokenizer")
         self.template = conversation.for_run(folder)  # the run dir's chat template (DEFAULT in older exports)
         self.programs = {(p["prompt_bucket"], p["batch"]): (folder / p["file"]) for p in m["programs"]}
+        self.score_programs = {(p["length"], p["batch"]): (folder / p["file"]) for p in m.get("score_programs", [])}
         self._loaded: dict = {}
 
-    def _program(self, bucket: int, batch: int):
-        key = (bucket, None) if (bucket, None) in self.programs else (bucket, batch)
-        if key not in self.programs:
-            sizes = sorted({b for _, b in self.programs if b})
+    def _program(self, bucket: int, batch: int, programs: dict | None = None):
+        programs = self.programs if programs is None else programs
+        key = (bucket, None) if (bucket, None) in programs else (bucket, batch)
+        if key not in programs:
+            sizes = sorted({b for _, b in programs if b})
             raise JaxgptError(f"this export has no program for batch {batch}; exported batch sizes: {sizes}")
-        if key not in self._loaded:
-            self._loaded[key] = jax.export.deserialize(bytearray(self.programs[key].read_bytes()))
-        return self._loaded[key]
+        if programs[key] not in self._loaded:
+            self._loaded[programs[key]] = jax.export.deserialize(bytearray(programs[key].read_bytes()))
+        return self._loaded[programs[key]]
 
     @property
     def block_size(self) -> int:
@@ -53,6 +62,33 @@ class ExportedModel:
     def batch_sizes(self) -> list[int] | None:
         """The batch sizes its programs take; None where every program takes any (a symbolic batch)."""
         return sorted({b for _, b in self.programs if b}) or None
+
+    @property
+    def can_score(self) -> bool:
+        """Whether it holds scoring programs (exports made before they existed do not)."""
+        return bool(self.score_programs)
+
+    def token_logprobs(self, rows: list[list[int]], top_n: int = 0, batch_size: int = 8) -> list[TokenLogprobs]:
+        """Per-token log-probabilities of each row of token ids, as `jaxgpt.scoring.token_logprobs` gives them."""
+        if not self.can_score:
+            raise JaxgptError("this export holds no scoring program (it was made before jaxgpt exported one); "
+                              "re-export it with `jaxgpt export` to score or get logprobs")
+        m = self.manifest
+        check_rows(rows, m["block_size"], top_n, min(m["n_vocab"], m["score_top"]))
+        sizes = sorted({b for _, b in self.score_programs if b})
+        padded_rows = (lambda n: next(s for s in sizes if s >= n)) if sizes else (lambda n: n)
+        batch_size = min(batch_size, max(sizes)) if sizes else batch_size
+
+        def run(tokens_BxT: np.ndarray):
+            program = self._program(tokens_BxT.shape[1], tokens_BxT.shape[0], self.score_programs)
+            return jax.device_get(program.call(self.weights, tokens_BxT, np.int32(m["n_vocab"])))
+
+        return batched_logprobs(run, rows, m["block_size"], top_n, batch_size, padded_rows)
+
+    def score(self, context: str | list[str], continuation: str | list[str]) -> Score | list[Score]:
+        """log p(continuation | context) summed over its tokens, and whether greedy decoding gives it
+        (`jaxgpt.LanguageModel.score`: strings in, one Score out; lists in, lists out)."""
+        return score_texts(self.tokenizer, self.block_size, context, continuation, self.token_logprobs)
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
         """New ids per prompt (keywords as `stream_ids`, without `chunk`)."""
@@ -84,63 +120,36 @@ class ExportedModel:
             raise JaxgptError(f"this export takes prompts of up to {largest} tokens and max_new_tokens up to {limit} "
                               f"(got {longest} and {max_new_tokens}); let the window slide (slide=True, the "
                               "default) or re-export with larger --prompt-buckets/--max-new-tokens")
-        keys = self._row_keys(seed, len(prompts))
-        sampling = (temperature, top_k, top_p, repetition_penalty)
-        keep = min(largest, m["block_size"] // 2)
+        sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, min_new_tokens)
         outputs: list[list[int]] = [[] for _ in prompts]
-        alive = list(range(len(prompts)))
-        for round_ in range(max_new_tokens):  # each round adds >= 1 token per live row
-            todo = max_new_tokens - len(outputs[alive[0]]) if alive else 0
-            if todo <= 0:
-                break
-            texts = [prompts[b] + outputs[b] for b in alive]
-            # A chunked stream re-reads its whole text while it fits; otherwise only the first call does.
-            fits = (round_ == 0 or chunk is not None) and max(len(t) for t in texts) <= largest
-            contexts = texts if fits else [t[-keep:] for t in texts]
-            n = min(todo, limit, chunk or limit)
-            rkeys = [keys[b] if round_ == 0 else jax.random.fold_in(keys[b], round_) for b in alive]
-            min_new = max(0, min_new_tokens - (max_new_tokens - todo))
-            new, done = self._decode(contexts, n, rkeys, sampling, min_new, stop_ids)
+        # A chunked stream re-reads its whole text while it fits; otherwise only the first call does.
+        for plan in rounds(prompts, outputs, max_new_tokens, sampling, seed, block_size=m["block_size"],
+                           window=largest, most=min(limit, chunk or limit), reread=chunk is not None):
+            new, done = self._decode(plan.contexts, plan.n, plan.keys_B, plan.sampling, stop_ids)
+            plan.record(new, done)
             out: list[list[int]] = [[] for _ in prompts]
-            for b, toks in zip(alive, new):
-                outputs[b] += toks
+            for b, toks in zip(plan.rows, new):
                 out[b] = toks
             yield out
-            alive = [b for b, toks, d in zip(alive, new, done) if not d and len(toks) == n]
 
-    @staticmethod
-    def _row_keys(seed: int | Sequence[int], batch: int) -> list:
-        """Row keys exactly as the live model draws them (jaxgpt.generate.row_keys)."""
-        if isinstance(seed, (int, np.integer)):
-            return [jax.random.fold_in(jax.random.key(int(seed)), b) for b in range(batch)]
-        if len(seed) != batch:
-            raise JaxgptError(f"got {len(seed)} seeds for {batch} prompts; pass one seed or one per prompt")
-        return [jax.random.key(int(s)) for s in seed]
-
-    def _decode(self, prompts, n, keys, sampling, min_new_tokens, stop_ids) -> tuple[list[list[int]], list[bool]]:
+    def _decode(self, prompts, n, keys_B, sampling: SamplingParams, stop_ids) -> tuple[list[list[int]], list[bool]]:
         """One exported program call: (new ids cut at end-of-text, done flags) for prompts that fit a bucket."""
         m = self.manifest
         eos = m["eos_id"]
         buckets = sorted({b for b, _ in self.programs})
         bucket = next(b for b in buckets if b >= max(len(p) for p in prompts))
-        B = len(prompts)
-        tokens_BxP = np.full((B, bucket), eos, np.int32)
-        start_B = np.zeros(B, np.int32)
-        for b, ids in enumerate(prompts):
-            tokens_BxP[b, bucket - len(ids):] = ids
-            start_B[b] = bucket - len(ids)
+        tokens_BxP, start_B = left_pad(prompts, eos, bucket)
         S, M = m["stop_shape"]
         stop_SxM = np.full((S, M), -1, np.int32)
         for j, s in enumerate([s for s in stop_ids if len(s)][:S]):
             stop_SxM[j, M - len(s[-M:]):] = s[-M:]
-        key_data_Bx2 = np.stack([np.asarray(jax.random.key_data(k)) for k in keys]).astype(np.uint32)
-        temperature, top_k, top_p, repetition_penalty = sampling
-        out_BxN, done_B = self._program(bucket, B).call(
-            self.weights, tokens_BxP, start_B, key_data_Bx2, np.float32(temperature), np.int32(top_k),
-            np.float32(top_p), np.float32(repetition_penalty), np.int32(min_new_tokens), np.int32(eos),
-            np.int32(m["n_vocab"]), stop_SxM, np.int32(n))
+        key_data_Bx2 = np.asarray(jax.random.key_data(keys_B)).astype(np.uint32)
+        out_BxN, done_B = self._program(bucket, len(prompts)).call(
+            self.weights, tokens_BxP, start_B, key_data_Bx2, np.float32(sampling.temperature),
+            np.int32(sampling.top_k), np.float32(sampling.top_p), np.float32(sampling.repetition_penalty),
+            np.int32(sampling.min_new_tokens), np.int32(eos), np.int32(m["n_vocab"]), stop_SxM, np.int32(n))
         rows = np.asarray(out_BxN)[:, :n].tolist()
-        return [row[:row.index(eos)] if eos in row else row for row in rows], np.asarray(done_B).tolist()
+        return [cut_at_eos(row, eos) for row in rows], np.asarray(done_B).tolist()
 
     def generate(self, prompt: str | list[str], max_new_tokens: int = 100, **kwargs) -> str | list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

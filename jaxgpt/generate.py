@@ -30,7 +30,9 @@ import numpy as np
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import GPT, Cache, init_cache
-from jaxgpt.sampling import SamplingParams, prompt_bucket  # noqa: F401  (re-exported: callers import them here)
+# Re-exported: callers import them here.
+from jaxgpt.sampling import SamplingParams, cut_at_eos, left_pad, prompt_bucket, row_keys  # noqa: F401
+from jaxgpt.sliding import rounds
 
 
 _INT_FIELDS = ("top_k", "min_new_tokens")
@@ -213,16 +215,6 @@ def continuer(cfg: ModelConfig, ngram: int = 0):
     return jax.jit(functools.partial(decode_loop, cfg, ngram=ngram))
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens_BxP, start_B): each prompt right-aligned in a row of length `bucket`."""
-    tokens_BxP = np.full((len(prompts), bucket), pad_id, np.int32)
-    start_B = np.zeros(len(prompts), np.int32)
-    for b, ids in enumerate(prompts):
-        tokens_BxP[b, bucket - len(ids):] = ids
-        start_B[b] = bucket - len(ids)
-    return tokens_BxP, start_B
-
-
 def stop_array(stop_ids: Sequence[Sequence[int]] | None) -> np.ndarray:
     """Stop token sequences right-aligned in an SxM array (-1 padded), bucketed so shapes rarely change."""
     seqs = [list(s) for s in (stop_ids or []) if len(s)]
@@ -232,16 +224,6 @@ def stop_array(stop_ids: Sequence[Sequence[int]] | None) -> np.ndarray:
     for j, s in enumerate(seqs):
         stop_SxM[j, M - len(s):] = s
     return stop_SxM
-
-
-def row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
-    """One key per row: a list of seeds gives row b key(seed[b]); one seed gives fold_in(key(seed), b)."""
-    if isinstance(seed, (int, np.integer)):
-        return jax.vmap(lambda b: jax.random.fold_in(jax.random.key(int(seed)), b))(jnp.arange(batch))
-    seeds = [int(s) for s in seed]
-    if len(seeds) != batch:
-        raise JaxgptError(f"got {len(seeds)} seeds for {batch} prompts; pass one seed or one per prompt")
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 
 class _Request(NamedTuple):
@@ -274,11 +256,6 @@ def _prepare(cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop
                     np.int32(n_vocab or cfg.vocab_size))
 
 
-def cut_at_eos(row: list[int], eos_id: int) -> list[int]:
-    """A row's tokens before its first end-of-text."""
-    return row[:row.index(eos_id)] if eos_id in row else row
-
-
 def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int,
                  n_vocab: int | None = None, sampling: SamplingParams = SamplingParams(),
                  seed: int | Sequence[int] = 0, stop_ids: Sequence[Sequence[int]] | None = None,
@@ -289,7 +266,7 @@ def generate_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tok
         return _generate(params, cfg, prompts, max_new_tokens, eos_id, n_vocab, sampling, seed, stop_ids,
                          no_repeat_ngram_size)[0]
     outputs: list[list[int]] = [[] for _ in prompts]
-    for plan in _windows(cfg, prompts, outputs, max_new_tokens, sampling, seed):
+    for plan in _slide(cfg, prompts, outputs, max_new_tokens, sampling, seed):
         new, done = _generate(params, cfg, plan.contexts, plan.n, eos_id, n_vocab, plan.sampling, 0, stop_ids,
                               no_repeat_ngram_size, keys_B=plan.keys_B)
         plan.record(new, done)
@@ -308,44 +285,10 @@ def needs_slide(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int)
     return max(len(p) for p in prompts) + max_new_tokens > cfg.block_size
 
 
-class _Window:
-    """One round of sliding generation: which rows go on, from what context, for how many tokens."""
-
-    def __init__(self, rows, contexts, n, keys_B, sampling, outputs, alive):
-        self.rows, self.contexts, self.n, self.keys_B, self.sampling = rows, contexts, n, keys_B, sampling
-        self._outputs, self._alive = outputs, alive
-
-    def record(self, new: list[list[int]], done: list[bool]) -> None:
-        """Append each row's new tokens; a row that ended (end-of-text, stop, short) leaves the next rounds."""
-        for b, toks, d in zip(self.rows, new, done):
-            self._outputs[b] += toks
-            if d or len(toks) < self.n:
-                self._alive.discard(b)
-
-
-def _windows(cfg, prompts, outputs, max_new_tokens, sampling, seed) -> Iterator[_Window]:
-    """Past block_size: fill the window, keep its last half as the next prompt (re-prefilled), repeat.
-
-    Round 0 uses the rows' own keys, so a generation that fits draws exactly what `slide=False` draws.
-    """
-    keep = cfg.block_size // 2
-    keys_B = row_keys(seed, len(prompts))
-    alive = set(range(len(prompts)))
-    for round_ in range(max_new_tokens):  # each round adds >= 1 token per live row: the bound is never reached
-        rows = sorted(alive)
-        todo = max_new_tokens - len(outputs[rows[0]]) if rows else 0
-        if todo <= 0:
-            return
-        texts = [prompts[b] + outputs[b] for b in rows]
-        fits = round_ == 0 and max(len(t) for t in texts) < cfg.block_size
-        contexts = texts if fits else [t[-keep:] for t in texts]
-        n = min(todo, cfg.block_size - max(len(c) for c in contexts))
-        rkeys = keys_B[np.asarray(rows)]
-        if round_:
-            rkeys = jax.vmap(lambda k: jax.random.fold_in(k, round_))(rkeys)
-        done_so_far = max_new_tokens - todo
-        s = sampling._replace(min_new_tokens=max(0, sampling.min_new_tokens - done_so_far))
-        yield _Window(rows, contexts, n, rkeys, s, outputs, alive)
+def _slide(cfg: ModelConfig, prompts, outputs, max_new_tokens, sampling, seed):
+    """Past block_size: fill the window, keep its last half as the next prompt (re-prefilled), repeat."""
+    return rounds(prompts, outputs, max_new_tokens, sampling, seed, block_size=cfg.block_size,
+                  window=cfg.block_size - 1)
 
 
 def stream_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int,
@@ -364,7 +307,7 @@ def stream_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_token
                            no_repeat_ngram_size, chunk)
         return
     outputs: list[list[int]] = [[] for _ in prompts]
-    for plan in _windows(cfg, prompts, outputs, max_new_tokens, sampling, seed):
+    for plan in _slide(cfg, prompts, outputs, max_new_tokens, sampling, seed):
         new: list[list[int]] = [[] for _ in plan.rows]
         ended: list[bool] = []
         for pieces in _stream(params, cfg, plan.contexts, plan.n, eos_id, n_vocab, plan.sampling, 0, stop_ids,

@@ -1,10 +1,12 @@
 """`jaxgpt serve --exported DIR`: the same API from an exported artifact, in a process that cannot import
-Flax or the model code, with the chat template the run recorded; int8 exports serve too."""
+Flax or the model code, with the chat template the run recorded and the live model's logprobs; int8
+exports serve too, and artifacts exported before scoring programs existed still serve."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import time
 
 import httpx
 import jax
+import numpy as np
 import openai
 import pytest
 from starlette.testclient import TestClient
@@ -23,6 +26,7 @@ from jaxgpt.data import tokenizers
 from jaxgpt.export import export_model
 from jaxgpt.exported import load_exported
 from jaxgpt.model import init_params
+from jaxgpt.scoring import token_logprobs
 from jaxgpt.serve import create_app
 
 TEMPLATE = conversation.Template(name="test-chat", system="S:\n", user="Q:\n", assistant="A:\n")
@@ -124,14 +128,53 @@ def test_models_health_metrics_and_page(base_url, client):
     assert page.status_code == 200 and "/v1/chat/completions" in page.text
 
 
-def test_logprobs_are_a_clear_400(base_url, client):
-    for endpoint, body in (("completions", {"prompt": "abc", "max_tokens": 2, "logprobs": 1}),
-                           ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True})):
-        r = httpx.post(f"{base_url}/v1/{endpoint}", json=body, timeout=60)
-        error = r.json()["error"]
-        assert r.status_code == 400 and error["code"] == "logprobs_not_supported" and error["param"] == "logprobs"
-        assert "exported artifact" in error["message"] and "--run-dir" in error["message"]
-    assert client.completions.create(model="tiny-export", prompt="abc", max_tokens=2).choices[0].text is not None  # still serving
+def test_echo_logprobs_equal_the_live_model(base_url, live):
+    tok = live.tokenizer
+    texts = ["hello world", "abc", "the quick brown fox jumps over the lazy dog, again and again"]
+    r = httpx.post(f"{base_url}/v1/completions", json={"prompt": texts, "echo": True, "logprobs": 3,
+                                                       "max_tokens": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    rows = [tok.encode(t) for t in texts]
+    want = token_logprobs(live.params, live.cfg.model, rows, n_vocab=tok.vocab_size, top_n=3)
+    for choice, row, w, text in zip(r.json()["choices"], rows, want, texts):
+        lp = choice["logprobs"]
+        assert choice["text"] == text and lp["tokens"] == [tok.decode([i]) for i in row]
+        assert lp["token_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1:], w.logprob_T[1:], atol=1e-5)
+        for top, ids, lps in zip(lp["top_logprobs"][1:], w.top_ids_TxK[1:], w.top_logprob_TxK[1:]):
+            expected = {tok.decode([int(i)]): float(v) for i, v in zip(ids, lps)}
+            assert set(expected) <= set(top)
+            np.testing.assert_allclose([top[k] for k in expected], list(expected.values()), atol=1e-5)
+
+
+def test_chat_logprobs_are_greedy_tokens_and_stream(client):
+    body = dict(model="tiny-export", messages=[{"role": "user", "content": "hi"}], max_tokens=10, temperature=0,
+                logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**body)
+    content = r.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    assert all(c.logprob == c.top_logprobs[0].logprob and c.token == c.top_logprobs[0].token for c in content)
+    chunks = [c.choices[0] for c in client.chat.completions.create(**body, stream=True)]  # 4 tokens a chunk
+    streamed = [t for c in chunks if c.logprobs is not None for t in c.logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, content)) < 1e-5
+
+
+def test_an_old_export_serves_and_answers_logprobs_with_a_clear_400(exported, tmp_path):
+    old = shutil.copytree(exported, tmp_path / "format1")
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["score_programs"], manifest["score_top"]  # as `jaxgpt export` wrote format 1
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with TestClient(create_app(load_exported(old), "old")) as http:
+        for endpoint, body in (("completions", {"prompt": "abc", "max_tokens": 2, "logprobs": 1}),
+                               ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "logprobs": True})):
+            r = http.post(f"/v1/{endpoint}", json=body)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["code"] == "logprobs_not_supported" and error["param"] == "logprobs"
+            assert "re-export it with `jaxgpt export`" in error["message"] and "\n" not in error["message"]
+        r = http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None  # still serving
 
 
 def test_int8_export_serves_its_own_tokens(live, tmp_path):

@@ -187,6 +187,44 @@ def test_chat_logprobs(client):
         assert bytes(c.bytes).decode("utf-8", errors="replace") == c.token or c.token.startswith("bytes:")
 
 
+def _assert_same_completion_logprobs(streamed: list[dict], whole: dict):
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    joined = {k: sum((lp[k] for lp in streamed), []) for k in keys}
+    assert joined["tokens"] == whole["tokens"] and joined["text_offset"] == whole["text_offset"]
+    np.testing.assert_allclose(joined["token_logprobs"], whole["token_logprobs"], atol=1e-5)
+    for got, want in zip(joined["top_logprobs"], whole["top_logprobs"], strict=True):
+        assert list(got) == list(want)
+        np.testing.assert_allclose(list(got.values()), list(want.values()), atol=1e-5)
+
+
+def test_streamed_completion_logprobs_concatenate_to_the_whole_response(client):
+    body = dict(model="gpt2-tiny", prompt="The capital of France is", max_tokens=20, temperature=0, logprobs=3)
+    whole = client.completions.create(**body).choices[0]
+    cut = whole.text[len(whole.text) // 2:len(whole.text) // 2 + 2]  # a stop string that may end mid-token
+    for stop in (None, [cut] if cut else None):
+        expected = client.completions.create(**body, stop=stop).choices[0]
+        chunks = [c.choices[0] for c in client.completions.create(**body, stop=stop, stream=True)]
+        assert "".join(c.text for c in chunks) == expected.text and chunks[-1].finish_reason == expected.finish_reason
+        streamed = [c.logprobs.model_dump() for c in chunks if c.logprobs is not None]
+        assert len(streamed) >= 2  # the logprobs came in pieces, with the text
+        _assert_same_completion_logprobs(streamed, expected.logprobs.model_dump())
+        assert all(c.logprobs is not None and len(c.logprobs.tokens) >= 1 for c in chunks if c.text)
+
+
+def test_streamed_chat_logprobs_concatenate_to_the_whole_response(client):
+    body = dict(model="gpt2-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=20, temperature=0,
+                logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**body).choices[0]
+    chunks = [c.choices[0] for c in client.chat.completions.create(**body, stream=True)]
+    assert "".join(c.delta.content or "" for c in chunks) == whole.message.content
+    content = [t.model_dump() for c in chunks if c.logprobs is not None for t in c.logprobs.content]
+    want = [t.model_dump() for t in whole.logprobs.content]
+    assert [(t["token"], t["bytes"]) for t in content] == [(t["token"], t["bytes"]) for t in want]
+    assert [[a["token"] for a in t["top_logprobs"]] for t in content] == [[a["token"] for a in t["top_logprobs"]]
+                                                                          for t in want]
+    np.testing.assert_allclose([t["logprob"] for t in content], [t["logprob"] for t in want], atol=1e-5)
+
+
 def _samples(text: str) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
@@ -224,7 +262,7 @@ BAD = [  # (body bytes, param or None)
     (b'{"prompt": "x", "n": 0}', "n"),
     (b'{"prompt": "x", "logprobs": -1}', "logprobs"),
     (b'{"prompt": "x", "logprobs": 21}', "logprobs"),
-    (b'{"prompt": "x", "logprobs": 2, "stream": true}', "logprobs"),
+    (b'{"prompt": "x", "echo": true, "logprobs": 2, "stream": true}', "echo"),
     (b'{"prompt": [], "max_tokens": 2}', "prompt"),
     (b'{"prompt": [[]], "max_tokens": 2}', "prompt"),
     (b'{"prompt": [1, -2], "max_tokens": 2}', "prompt"),

@@ -9,8 +9,10 @@ left with a 503 (a stream gets an error event and `[DONE]`).
 
 `logprobs` (and `echo`) are computed after generation by one scoring pass over prompt + completion
 (a ScoreJob through the same batcher), so they are the model's raw log-probabilities, before
-temperature, top-k/top-p or penalties, as vLLM reports them by default. Not with `stream` (a 400), nor
-from an exported artifact (a 400: it holds no scoring program).
+temperature, top-k/top-p or penalties, as vLLM reports them by default. A stream carries each chunk's
+logprobs: a chunk waits for a scoring pass over prompt + completion so far (jaxgpt.serve.logprobs.
+StreamedChoice). `echo` does not stream (a 400); an artifact exported without scoring programs answers
+`logprobs` with a 400 asking for a re-export.
 
 GET / is a chat page (chat.html, beside this file): it streams replies from /v1/chat/completions.
 A run dir is served through its LanguageModel, an exported artifact (`serve(exported=...)`) through
@@ -226,8 +228,8 @@ async def _generate(request: HttpRequest, chat: bool):
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{serving.name}'",
                        param="model", code="model_not_found")
     if req.logprobs is not None and not serving.engine.can_score:
-        raise ApiError(400, "logprobs are not supported when serving an exported artifact (it holds generation "
-                            "programs only); serve the run dir (`jaxgpt serve --run-dir`) for logprobs",
+        raise ApiError(400, "this exported artifact holds no scoring program (it was exported before jaxgpt "
+                            "exported one); re-export it with `jaxgpt export` for logprobs",
                        param="logprobs", code="logprobs_not_supported")
     events, emit = _channel()
     prompts = _prompt_ids(serving, req)
@@ -236,7 +238,7 @@ async def _generate(request: HttpRequest, chat: bool):
     serving.batcher.submit(jobs)
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
     if req.stream:
-        return StreamingResponse(_sse(req, rid, serving.name, jobs, prompt_lens, events), media_type="text/event-stream",
+        return StreamingResponse(_sse(serving, req, rid, jobs, prompts, events, emit), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     n_choices = len(prompts) * req.n
     texts, reasons, n_tokens = [""] * n_choices, ["length"] * n_choices, 0  # max_tokens 0: nothing generated
@@ -255,7 +257,8 @@ async def _generate(request: HttpRequest, chat: bool):
         for job in jobs:  # a failed or abandoned request frees its rows
             job.cancelled = True
     rows = [prompts[i // req.n] for i in range(n_choices)]
-    new_ids = [_shown_ids(serving.engine.tokenizer, job.ids, text) for job, text in zip(jobs, texts)] or [[]] * n_choices
+    new_ids = [logprobs_lib.shown_ids(serving.engine.tokenizer, job.ids, text)
+               for job, text in zip(jobs, texts)] or [[]] * n_choices
     logprobs = await _logprobs(serving, req, rows, new_ids)
     if req.echo:  # the prompt as sent (a string), or as its ids decode
         texts = [(p if isinstance(p, str) else serving.engine.tokenizer.decode(ids)) + t
@@ -264,13 +267,6 @@ async def _generate(request: HttpRequest, chat: bool):
     body["choices"] = [protocol.choice(req, i, texts[i], reasons[i], logprobs=logprobs[i]) for i in range(n_choices)]
     body["usage"] = protocol.usage(sum(prompt_lens) * req.n, n_tokens)
     return JSONResponse(body)
-
-
-def _shown_ids(tokenizer, ids: list[int], text: str) -> list[int]:
-    """The generated tokens behind the returned text: those past a stop string are dropped."""
-    if tokenizer.decode(ids) == text:
-        return list(ids)
-    return next(ids[:k] for k in range(len(ids) + 1) if len(tokenizer.decode(ids[:k])) >= len(text))
 
 
 async def _logprobs(serving: Serving, req: protocol.Request, prompts: list[list[int]],
@@ -308,12 +304,33 @@ def _sse_line(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(req, rid, name, jobs, prompt_lens, events):
-    """Server-sent events: one chunk per text piece and per finished choice, then usage (if asked), [DONE]."""
-    created, n_tokens = int(time.time()), 0
+async def _sse(serving: Serving, req, rid, jobs, prompts, events, emit):
+    """Server-sent events: one chunk per text piece and per finished choice, then usage (if asked), [DONE].
+    With logprobs, each piece goes out once a scoring pass (a ScoreJob on `emit`) has covered its tokens."""
+    created, n_tokens, name = int(time.time()), 0, serving.name
+    tok = serving.engine.tokenizer
+    streamed = [logprobs_lib.StreamedChoice(tok, prompts[i // req.n], req.chat, req.logprobs)
+                for i in range(len(jobs))] if req.logprobs is not None else None
+    score_jobs: list[ScoreJob] = []
 
     def chunk(choices) -> str:
         return _sse_line({**protocol.envelope(req, rid, name, created), "choices": choices})
+
+    def pieces(index: int, kind: str, rest) -> list[tuple[str, Any, str | None]]:
+        """(text, logprobs, finish_reason) ready to send after this event; queues the scoring it needs."""
+        if streamed is None:
+            return [(rest[0], None, None) if kind == "text" else ("", None, rest[0])]
+        held = streamed[index]
+        if kind == "scored":
+            ready, row = held.scored(rest[0])
+        elif kind == "text":
+            ready, row = held.add(rest[0], list(jobs[index].ids))
+        else:  # done: the final ids may end in tokens that add no text
+            ready, row = held.add("", list(jobs[index].ids), finish_reason=rest[0])
+        if row is not None:
+            score_jobs.append(ScoreJob(row, req.logprobs, lambda ev, index=index: emit((index, *ev))))
+            serving.batcher.submit(score_jobs[-1:])
+        return ready
 
     try:
         if req.chat:  # OpenAI opens each chat choice with the assistant role
@@ -321,21 +338,26 @@ async def _sse(req, rid, name, jobs, prompt_lens, events):
         left = len(jobs)
         while left:
             index, kind, *rest = await events.get()
-            if kind == "text":
-                yield chunk([protocol.choice(req, index, rest[0], None)])
-            elif kind == "done":
-                left, n_tokens = left - 1, n_tokens + rest[1]
-                yield chunk([protocol.choice(req, index, "", rest[0])])
-            else:
+            if kind == "error":
                 yield _sse_line(ApiError(rest[0], rest[1], type="server_error").body())
                 break
+            if kind == "done":
+                n_tokens += rest[1]
+            try:
+                ready = pieces(index, kind, rest)
+            except ApiError as e:  # a scoring pass could not be queued (the server is full or closing)
+                yield _sse_line(e.body())
+                break
+            for text, logprobs, reason in ready:
+                left -= reason is not None
+                yield chunk([protocol.choice(req, index, text, reason, logprobs=logprobs)])
         else:
             if req.include_usage:
                 yield _sse_line({**protocol.envelope(req, rid, name, created), "choices": [],
-                                 "usage": protocol.usage(sum(prompt_lens) * req.n, n_tokens)})
+                                 "usage": protocol.usage(sum(map(len, prompts)) * req.n, n_tokens)})
         yield "data: [DONE]\n\n"
     finally:
-        for job in jobs:  # the client went away (or we are done): the worker drops these rows
+        for job in jobs + score_jobs:  # the client went away (or we are done): the worker drops these rows
             job.cancelled = True
 
 

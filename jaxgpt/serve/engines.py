@@ -7,7 +7,7 @@ call takes; None: any) and
     stream(prompts, n, sampling, seeds, chunk)
                                          a generator of each row's new ids every `chunk` tokens; a row that
                                          gave fewer ids than the longest row has ended (end-of-text)
-    score(rows, top_n, batch_size)       jaxgpt.scoring.TokenLogprobs per row, only where `can_score`
+    score(rows, top_n, batch_size)       jaxgpt.score_rows.TokenLogprobs per row, only where `can_score`
 
 The live engine imports jaxgpt.generate and jaxgpt.scoring when it first runs, so a server of an exported
 artifact never loads them (nor Flax).
@@ -55,12 +55,11 @@ class LiveEngine:
 
 
 class ExportedEngine:
-    """A `jaxgpt.exported.ExportedModel`: generation only (the artifact holds no scoring program)."""
-
-    can_score = False
+    """A `jaxgpt.exported.ExportedModel`: generation, and scoring where the artifact holds scoring programs."""
 
     def __init__(self, model: ExportedModel):
         self.model = model
+        self.can_score = model.can_score  # artifacts exported before scoring programs existed have none
         self.tokenizer, self.template, self.block_size = model.tokenizer, model.template, model.block_size
         sizes = model.batch_sizes
         self.max_rows = max(sizes) if sizes else None
@@ -77,7 +76,7 @@ class ExportedEngine:
                                      min_new_tokens=s.min_new_tokens, seed=seeds, chunk=chunk)
 
     def score(self, rows: list[list[int]], top_n: int, batch_size: int) -> list:
-        raise NotImplementedError("an exported artifact has no scoring program")
+        return self.model.token_logprobs(rows, top_n, batch_size)
 
 
 def as_engine(model) -> LiveEngine | ExportedEngine:

@@ -137,8 +137,7 @@ def parse(body: Any, chat: bool, limits: Limits) -> Request:
                              and isinstance(opts.get("include_usage", False), bool)),
             "stream_options", 'null or {"include_usage": bool}', opts)
     _expect(opts is None or stream, "stream_options", "set only with stream=true", opts)
-    for name, on in (("logprobs", logprobs is not None), ("echo", echo)):
-        _expect(not (stream and on), name, "unset when stream is true (not supported by this server)", g(name))
+    _expect(not (stream and echo), "echo", "unset when stream is true (not supported by this server)", echo)
     stop = g("stop")
     stop = [stop] if isinstance(stop, str) else stop
     _expect(stop is None or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)),
@@ -251,4 +250,4 @@ def choice(req: Request, index: int, text: str | None, finish_reason: str | None
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
     delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
