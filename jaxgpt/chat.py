@@ -24,9 +24,10 @@ import numpy as np
 from jaxgpt import conversation
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
-from jaxgpt.generate import (DecodeState, SamplingParams, check_sampling, continuer, forward_cached, presence,
-                             prompt_bucket, row_keys, stop_array, traced_sampling)
+from jaxgpt.generate import (DecodeState, check_sampling, continuer, forward_cached, presence, stop_array,
+                             traced_sampling)
 from jaxgpt.model import init_cache
+from jaxgpt.sampling import SamplingParams, prompt_bucket, row_keys
 
 
 def default_reply_tokens(block_size: int) -> int:

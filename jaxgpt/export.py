@@ -21,12 +21,12 @@ import numpy as np
 
 from jaxgpt import conversation, files
 from jaxgpt.errors import JaxgptError
+from jaxgpt.exported import FORMAT_VERSION
 from jaxgpt.generate import SamplingParams, decode_loop, prefill
 from jaxgpt.sampling import MAX_TOP
 from jaxgpt.score_rows import score_lengths
 from jaxgpt.scoring import logprob_arrays
 
-FORMAT_VERSION = 2  # 2: scoring programs ("score_programs"); format 1 artifacts generate only
 MAX_STOP_SEQUENCES, MAX_STOP_TOKENS = 4, 8  # the exported stop-sequence array is fixed at 4 x 8
 
 

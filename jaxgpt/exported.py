@@ -24,6 +24,8 @@ from jaxgpt.sampling import SamplingParams, cut_at_eos, left_pad
 from jaxgpt.score_rows import Score, TokenLogprobs, batched_logprobs, check_rows, score_texts
 from jaxgpt.sliding import rounds
 
+FORMAT_VERSION = 2  # 2: scoring programs ("score_programs"); format 1 artifacts generate only
+
 
 class ExportedModel:
     def __init__(self, folder: str | Path):
@@ -35,6 +37,9 @@ class ExportedModel:
             raise JaxgptError(f"'{folder}' is not an exported jaxgpt model (no manifest.json); create one with "
                               "`jaxgpt export`")
         self.manifest = m = json.loads(manifest_file.read_text())
+        if m.get("format", 1) > FORMAT_VERSION:
+            raise JaxgptError(f"'{folder}' was exported by a newer jaxgpt (format {m['format']}; this one reads up to "
+                              f"{FORMAT_VERSION}); upgrade jaxgpt or re-export the model with this version")
         self.weights = {k: jax.device_put(v) for k, v in load_file(str(folder / "weights.safetensors")).items()}
         if sorted(self.weights) != m["weights"]:
             raise JaxgptError(f"'{folder}/weights.safetensors' does not match its manifest; re-export the model")

@@ -141,3 +141,11 @@ def test_limits_are_clear_errors(exported):
     with pytest.raises(JaxgptError, match="not an exported jaxgpt model"):
         load_exported(exported.parent)
     np.testing.assert_equal(len(em.generate(["a", "b"], 3, temperature=0.0)), 2)
+
+
+def test_an_export_from_a_newer_format_is_refused(exported, tmp_path):
+    newer = shutil.copytree(exported, tmp_path / "newer")
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "format": manifest["format"] + 1}))
+    with pytest.raises(JaxgptError, match="exported by a newer jaxgpt"):
+        load_exported(newer)
