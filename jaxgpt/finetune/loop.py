@@ -136,6 +136,8 @@ class FineTuner:
         self.cfg = cfg
         self.max_len = ft.max_len or cfg.model.block_size
         self.metric, self.mode = selection_metric(self.task.task, ft.metric)
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.rows = sharding.host_rows(self.mesh, cfg.train.batch_size)  # this host loads only these rows
         self.run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copytree(Path(ft.init_from) / "tokenizer", self.run_dir / "tokenizer", dirs_exist_ok=True)
         config_lib.save_json(cfg, self.run_dir / "config.json")
@@ -147,7 +149,6 @@ class FineTuner:
         enc = {s: batch_lib.encode(self.task.split(s), self.task.task, self.tok, self.max_len, self.task.labels,
                                    self.template) for s in ("train", "val")}
         self.enc = enc
-        self.mesh = sharding.make_mesh(cfg.mesh)
 
     def run(self) -> dict[str, Any]:
         with runner.lock(self.run_dir):
@@ -161,7 +162,8 @@ class FineTuner:
         tx, lr_schedule = optim.make_optimizer(tc, cfg.model, ft, params, trainable)
         class_w = _class_weights(ft.class_weights, task.labels, self.enc["train"].label_N) if task.task == "classify" \
             else np.ones(1, np.float32)
-        self.steps = step_lib.build(cfg.model, task.task, ft.pooling, class_w, tx, lr_schedule, trainable, self.mesh)
+        self.steps = step_lib.build(cfg.model, task.task, ft.pooling, class_w, tx, lr_schedule, trainable, self.mesh,
+                                     params)
         n_train, n_total = optim.count(params, trainable)
         print(f"jaxgpt finetune: {task.task} on {ft.source} ({len(task.train)} train / {len(task.val)} val / "
               f"{len(task.test)} test), {n_train / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trainable "
@@ -176,7 +178,7 @@ class FineTuner:
         ckpt = Checkpointer(self.run_dir, f"val_{self.metric}", self.mode)
         try:
             with jax.set_mesh(self.mesh), step_lib.rules():
-                state = step_lib.init_state(params, tx, self.steps.param_shardings)
+                state = step_lib.init_state(params, tx, self.steps.state_shardings)
                 abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
                 restored = ckpt.restore_latest(abstract)
                 if restored is not None:
@@ -188,7 +190,7 @@ class FineTuner:
                 out = None
                 if start < tc.steps and not self.early_stopped:
                     self.stream = batch_lib.train_batches(self.enc["train"], tc.batch_size, self.max_len,
-                                                          self.tok.eos_id, cfg.seed, start)
+                                                          self.tok.eos_id, cfg.seed, start, self.rows)
                     out = runner.run(_FineTuning(self), state, start, runner.Cadence.of(tc, save_on_eval=True),
                                      ckpt, self.run_dir, progress=tc.progress)
                     summary.update(out.summary)
@@ -228,13 +230,14 @@ class _FineTuning(runner.Mode):
     def step(self, state, step: int):
         ft = self.ft
         lr_scale = np.float32(ft.plateau_state.scale) if ft.plateau else np.float32(1.0)
-        state, m = ft.steps.step(state, ft.steps.put_batch(next(ft.stream)), ft.dropout_rng, lr_scale)
+        batch = sharding.global_batch(next(ft.stream), ft.mesh, ft.cfg.train.batch_size)
+        state, m = ft.steps.step(state, batch, ft.dropout_rng, lr_scale)
         return state, {"train_loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
 
     def evaluate(self, state, step: int) -> dict[str, float]:
         ft = self.ft
         val = eval_lib.evaluate(ft.cfg, ft.steps.eval, state["params"], ft.task, "val", ft.enc["val"], ft.tok,
-                                ft.max_len, ft.steps.put_batch, ft.template)
+                                ft.max_len, ft.steps.put_eval, ft.template)
         return {f"val_{k}": v for k, v in val.items()}
 
     def after_eval(self, record: dict[str, Any], step: int) -> str | None:
