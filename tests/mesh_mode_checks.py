@@ -150,8 +150,9 @@ def main():
         ref = run(make, None)
         for shape in MESHES:
             got = run(make, shape)
-            diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b), initial=0.0)), got.pop("state"), ref["state"])
-            result[f"{name} {shape}"] = {**got, "ref_losses": ref["losses"], "max_state_diff": max(jax.tree.leaves(diffs))}
+            diffs = jax.tree.map(lambda a, b: np.max(np.abs(a - b), initial=0.0), got.pop("state"), ref["state"])
+            result[f"{name} {shape}"] = {**got, "ref_losses": ref["losses"],
+                                         "max_state_diff": float(max(jax.tree.leaves(diffs)))}
     result["rows_match_jax"] = all(rows_match_jax(s) for s in [(8, 1, 1), (2, 2, 2), (1, 8, 1), (2, 1, 4)])
     print("RESULT " + json.dumps(result))
 

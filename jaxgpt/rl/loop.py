@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxgpt import config as config_lib
 from jaxgpt import conversation, rundir, sharding
-from jaxgpt.config import Config
+from jaxgpt.config import RLRunConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import left_pad, prompt_bucket
 from jaxgpt.rl import dpo as dpo_lib
@@ -43,7 +43,7 @@ class _Run(runner.Mode):
         """(metric, 'min' or 'max') the checkpoints are ranked by."""
         raise NotImplementedError
 
-    def __init__(self, cfg: Config, run_dir: str | Path, updates_per_step: int):
+    def __init__(self, cfg: RLRunConfig, run_dir: str | Path, updates_per_step: int):
         from jaxgpt.api import load
 
         check(cfg)
@@ -104,7 +104,7 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class GRPOLoop(_Run):
-    def __init__(self, cfg: Config, run_dir: str | Path):
+    def __init__(self, cfg: RLRunConfig, run_dir: str | Path):
         super().__init__(cfg, run_dir, cfg.rl.ppo_epochs * cfg.rl.minibatches)
         rl = self.cfg.rl
         self.reward_fn = rewards.make_reward(rl)
@@ -213,7 +213,7 @@ class GRPOLoop(_Run):
 
 
 class DPOLoop(_Run):
-    def __init__(self, cfg: Config, run_dir: str | Path):
+    def __init__(self, cfg: RLRunConfig, run_dir: str | Path):
         super().__init__(cfg, run_dir, 1)
         pairs = dpo_lib.read_pairs(self.cfg.rl.data)
         encoded = dpo_lib.encode_pairs(self.tok, pairs, self.cfg.model.block_size, self.template)
@@ -263,7 +263,7 @@ class DPOLoop(_Run):
         return {f"val_{k}": v / len(self.val) for k, v in sums.items()}
 
 
-def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: RLRunConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train (or resume) an RL run: GRPO or DPO by cfg.rl.algorithm."""
     loop = DPOLoop(cfg, run_dir) if cfg.rl.algorithm == "dpo" else GRPOLoop(cfg, run_dir)
     return loop.run()
