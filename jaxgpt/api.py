@@ -152,7 +152,7 @@ def _load(run_dir: Path, checkpoint: str) -> LanguageModel:
     rundir.check_kind(run_dir, cfg, rundir.LANGUAGE_MODEL)
     tok = tokenizers.load(run_dir / "tokenizer")
     template = conversation.for_run(run_dir)
-    if cfg.finetune.task:  # an SFT fine-tune: its {"gpt"} params, any LoRA adapters merged for serving
+    if isinstance(cfg, config_lib.FinetuneRunConfig):  # SFT: its {"gpt"} params, any LoRA adapters merged for serving
         from jaxgpt.finetune.infer import load_params
 
         cfg, params, meta = load_params(run_dir, checkpoint)

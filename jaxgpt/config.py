@@ -1,13 +1,14 @@
 """Typed configuration: YAML file -> dotted `key=value` overrides -> frozen dataclasses.
 
 Order of precedence (later wins): dataclass defaults, `model.preset`, the YAML file, CLI overrides.
+One config per command: `Config` (pretraining: the sections every run has), `FinetuneRunConfig` (plus
+`finetune`) and `RLRunConfig` (plus `rl`); a run dir's config.json holds its command's sections only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,13 +143,31 @@ class RLConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """`jaxgpt train`; the other commands' configs add their own section to these."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneRunConfig(Config):
+    """`jaxgpt finetune` (and each round of `jaxgpt active`)."""
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass(frozen=True)
+class RLRunConfig(Config):
+    """`jaxgpt rl` and `jaxgpt dpo`."""
+
+    rl: RLConfig = field(default_factory=RLConfig)
+
+
+# The section each command adds, and the command that takes it.
+COMMAND_SECTIONS = {"finetune": "jaxgpt finetune / jaxgpt active", "rl": "jaxgpt rl / jaxgpt dpo"}
 
 
 # GPT-2 family sizes; the small ones fit a laptop CPU.
@@ -179,17 +198,18 @@ def valid_keys(cls=Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str) -> JaxgptError:
-    keys = valid_keys()
+def _unknown_key(key: str, keys: list[str]) -> JaxgptError:
+    section = key.split(".", 1)[0]
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    section = key.split(".", 1)[0] + "."
-    in_section = [k for k in keys if k.startswith(section)]
-    if close:
+    in_section = [k for k in keys if k.startswith(section + ".")]
+    sections = sorted({k.split(".", 1)[0] for k in keys if "." in k})
+    if section in COMMAND_SECTIONS and not in_section:
+        hint = f"; '{section}.*' keys belong to `{COMMAND_SECTIONS[section]}`, this command takes {', '.join(sections)}"
+    elif close:
         hint = f"; did you mean '{close[0]}'?"
     elif in_section:
-        hint = f"; keys of '{section[:-1]}': {', '.join(k.split('.', 1)[1] for k in in_section)}"
+        hint = f"; keys of '{section}': {', '.join(k.split('.', 1)[1] for k in in_section)}"
     else:
-        sections = sorted({k.split(".", 1)[0] for k in keys if "." in k})
         hint = f"; config sections are {', '.join(sections)} (plus 'seed')"
     return JaxgptError(f"unknown config key '{key}'{hint}")
 
@@ -236,38 +256,35 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return flat
 
 
-def build(flat: dict[str, Any]) -> Config:
-    """Build a Config from a flat {dotted key: value} dict, applying `model.preset` first."""
-    known = set(valid_keys())
+def build(flat: dict[str, Any], cls: type = Config, prefix: str = ""):
+    """A `cls` config from a flat {`prefix`dotted.key: value} dict; `model.preset` applies before model keys.
+
+    `cls` is a command's config (Config, FinetuneRunConfig, RLRunConfig) or any dataclass of scalars and
+    sections, such as `jaxgpt active`'s settings (prefix 'active.').
+    """
+    keys = valid_keys(cls, prefix)
     for key in flat:
-        if key not in known:
-            raise _unknown_key(key)
-    preset = flat.get("model.preset", "")
-    sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}, "mesh": {}, "finetune": {}, "rl": {}}
+        if key not in keys:
+            raise _unknown_key(key, keys)
+    return _make(cls, flat, prefix)
+
+
+def _make(cls: type, flat: dict[str, Any], prefix: str):
+    values: dict[str, Any] = {}
+    preset = flat.get(prefix + "preset", "") if cls is ModelConfig else ""
     if preset:
         if preset not in PRESETS:
             close = difflib.get_close_matches(preset, PRESETS, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise JaxgptError(f"unknown model.preset '{preset}' (choose from {', '.join(PRESETS)}){hint}")
-        sections["model"].update(PRESETS[preset])
-    top: dict[str, Any] = {}
-    hints = typing.get_type_hints(Config)
-    for key, value in flat.items():
-        if "." in key:
-            section, name = key.split(".", 1)
-            typ = typing.get_type_hints(hints[section])[name]
-            sections[section][name] = _coerce(key, value, typ)
-        else:
-            top[key] = _coerce(key, value, hints[key])
-    return Config(
-        model=ModelConfig(**sections["model"]),
-        data=DataConfig(**sections["data"]),
-        train=TrainConfig(**sections["train"]),
-        mesh=MeshConfig(**sections["mesh"]),
-        finetune=FinetuneConfig(**sections["finetune"]),
-        rl=RLConfig(**sections["rl"]),
-        **top,
-    )
+        values.update(PRESETS[preset])
+    hints = typing.get_type_hints(cls)
+    for name in _fields(cls):
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _make(hints[name], flat, f"{prefix}{name}.")
+        elif prefix + name in flat:
+            values[name] = _coerce(prefix + name, flat[prefix + name], hints[name])
+    return cls(**values)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -300,25 +317,35 @@ def save_json(cfg: Config, path: str | Path) -> None:
     files.atomic_write_json(path, to_dict(cfg), indent=2)  # a crash never leaves a half-written config
 
 
+def run_config_class(flat: dict[str, Any]) -> type:
+    """The config class of the command that wrote a run dir's (flat) config."""
+    return FinetuneRunConfig if flat.get("finetune.task") else RLRunConfig if flat.get("rl.init_from") else Config
+
+
 def read_json_flat(path: str | Path) -> dict[str, Any]:
+    """A run dir's config.json, flat; the sections of other commands that older versions wrote are dropped."""
     from jaxgpt import files
 
     saved = files.read_json(path, "restore it from a backup, or start a new run dir (the checkpoints alone "
                                   "do not hold the config)")
     if not isinstance(saved, dict):
         raise JaxgptError(f"'{path}' is damaged (not a JSON object); restore it from a backup or start a new run dir")
-    return flatten(saved)
+    flat = flatten(saved)
+    own = _fields(run_config_class(flat))
+    return {k: v for k, v in flat.items() if k.split(".")[0] in own or k.split(".")[0] not in COMMAND_SECTIONS}
 
 
 def load_json(path: str | Path) -> Config:
-    return build(read_json_flat(path))
+    """A run dir's config, as its command's class."""
+    flat = read_json_flat(path)
+    return build(flat, run_config_class(flat))
 
 
 def replace(cfg: Config, **flat: Any) -> Config:
     """A copy with dotted keys replaced, e.g. replace(cfg, **{"model.vocab_size": 8192})."""
     merged = flatten(to_dict(cfg))
     merged.update(flat)
-    return build(merged)
+    return build(merged, type(cfg))
 
 
 def dtype_of(name: str):

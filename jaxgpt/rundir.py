@@ -7,7 +7,7 @@ from pathlib import Path
 
 from jaxgpt import config as config_lib
 from jaxgpt import files
-from jaxgpt.config import Config
+from jaxgpt.config import Config, FinetuneRunConfig
 from jaxgpt.data import corpus, tokenizers
 from jaxgpt.errors import JaxgptError
 
@@ -56,7 +56,7 @@ FITTED_FOR = "fitted_for.json"
 
 def kind(cfg: Config) -> str:
     """A run dir's kind: a classifier fine-tune, or a language model (pretrained, SFT, RL, DPO)."""
-    return CLASSIFIER if cfg.finetune.task == "classify" else LANGUAGE_MODEL
+    return CLASSIFIER if isinstance(cfg, FinetuneRunConfig) and cfg.finetune.task == "classify" else LANGUAGE_MODEL
 
 
 def check_kind(run_dir: Path, cfg: Config, wanted: str) -> None:

@@ -63,7 +63,8 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+    """Rows across (data, fsdp); any further dims whole (fits batch arrays of every rank)."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -77,14 +78,21 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, global_size: in
             for k, v in local_batch.items()}
 
 
-def host_rows(mesh: Mesh, global_batch_size: int) -> slice:
-    """The rows of every global batch that this process's devices hold (and so the rows it loads)."""
-    if global_batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise JaxgptError(f"train.batch_size ({global_batch_size}) must be divisible by mesh.data x mesh.fsdp "
-                          f"({mesh.shape['data']} x {mesh.shape['fsdp']})")
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, 1))
-    rows = sorted({(idx[0].start or 0, idx[0].stop or global_batch_size) for idx in index_map.values()})
-    lo, hi = rows[0][0], rows[-1][1]
-    if sum(b - a for a, b in rows) != hi - lo:
+def process_rows(process_DxFxT: np.ndarray, global_batch_size: int, process: int,
+                 what: str = "train.batch_size") -> slice:
+    """The rows of every global batch (of `what`) that `process` loads: those of the (data, fsdp) row blocks
+    its devices hold. process_DxFxT: the process of each device of the mesh."""
+    D, F, T = process_DxFxT.shape
+    if global_batch_size % (D * F):
+        raise JaxgptError(f"{what} ({global_batch_size} rows) must be divisible by mesh.data x mesh.fsdp ({D} x {F})")
+    blocks = np.flatnonzero((process_DxFxT.reshape(D * F, T) == process).any(axis=1))
+    if len(blocks) == 0 or blocks[-1] - blocks[0] + 1 != len(blocks):
         raise JaxgptError("this mesh gives a host non-contiguous batch rows; order the devices by host")
-    return slice(lo, hi)
+    size = global_batch_size // (D * F)
+    return slice(int(blocks[0]) * size, int(blocks[-1] + 1) * size)
+
+
+def host_rows(mesh: Mesh, global_batch_size: int, what: str = "train.batch_size") -> slice:
+    """The rows of every global batch that this process's devices hold (and so the rows it loads)."""
+    owners_DxFxT = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    return process_rows(owners_DxFxT, global_batch_size, jax.process_index(), what)

@@ -80,7 +80,7 @@ def toy_task(n=60):
 
 
 def toy_cfg():
-    return config_lib.build({"train.batch_size": 8, "seed": 1})
+    return config_lib.build({"train.batch_size": 8, "seed": 1}, config_lib.FinetuneRunConfig)
 
 
 def test_loop_grows_by_query_size_and_never_requeries(tmp_path):

@@ -1,3 +1,6 @@
+import dataclasses
+import json
+
 import pytest
 
 from jaxgpt import config
@@ -49,14 +52,63 @@ def test_json_round_trip(tmp_path):
 
 
 def test_shipped_configs_load():
-    import dataclasses
     import pathlib
 
     from jaxgpt.active.loop import ActiveConfig
 
-    active_keys = {f"active.{f.name}" for f in dataclasses.fields(ActiveConfig)}
     for path in sorted(pathlib.Path(__file__).parents[1].glob("configs/*.yaml")):
         flat = config.read_yaml(path)
-        # `active:` settings belong to `jaxgpt active`, which reads them itself.
-        assert {k for k in flat if k.startswith("active.")} <= active_keys, path
-        config.build({k: v for k, v in flat.items() if not k.startswith("active.")})
+        active = {k: v for k, v in flat.items() if k.startswith("active.")}  # `jaxgpt active`'s own settings
+        config.build(active, ActiveConfig, "active.")
+        cls = config.FinetuneRunConfig if any(k.startswith("finetune.") for k in flat) else \
+            config.RLRunConfig if any(k.startswith("rl.") for k in flat) else config.Config
+        config.build({k: v for k, v in flat.items() if k not in active}, cls)
+
+
+def test_a_pretraining_run_dir_holds_only_pretraining_sections(train_tiny, tmp_path):
+    run = train_tiny(tmp_path / "pre", {"train.steps": 1, "train.batch_size": 4, "train.eval_every": 1,
+                                        "train.save_every": 1})
+    assert set(json.loads((run / "config.json").read_text())) == {"model", "data", "train", "mesh", "seed"}
+    assert type(config.load_json(run / "config.json")) is config.Config
+    with pytest.raises(JaxgptError, match=r"'finetune.\*' keys belong to `jaxgpt finetune"):
+        config.load(None, ["finetune.task=sft"])
+
+
+@pytest.mark.parametrize("kind,key,value", [("pretrain", "", ""), ("finetune", "finetune.task", "classify"),
+                                            ("rl", "rl.init_from", "RUN")])
+def test_an_old_run_dir_with_every_commands_sections_still_loads(tmp_path, kind, key, value):
+    # Older versions wrote every command's sections into every run dir, at their defaults where unused.
+    old = {**config.to_dict(config.Config(seed=3)), "finetune": dataclasses.asdict(config.FinetuneConfig()),
+           "rl": dataclasses.asdict(config.RLConfig())}
+    if key:
+        old[key.split(".")[0]][key.split(".")[1]] = value
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = config.load_json(tmp_path / "config.json")
+    want = {"pretrain": config.Config(seed=3), "finetune": config.FinetuneRunConfig(
+        seed=3, finetune=config.FinetuneConfig(task=value)), "rl": config.RLRunConfig(seed=3, rl=config.RLConfig(
+            init_from=value))}[kind]
+    assert cfg == want and type(cfg) is type(want)
+    if kind == "pretrain":  # `jaxgpt train --run-dir RUN key=value` resumes from these keys
+        assert config.load(None, {**config.read_json_flat(tmp_path / "config.json"), "train.steps": 9}).seed == 3
+
+
+def test_an_unknown_section_in_a_run_dir_is_still_an_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(config.Config()), "bogus": {"a": 1}}))
+    with pytest.raises(JaxgptError, match="unknown config key 'bogus.a'"):
+        config.load_json(tmp_path / "config.json")
+
+
+def test_active_settings_take_the_same_typed_path(tmp_path):
+    from jaxgpt import active
+
+    (tmp_path / "pre").mkdir()
+    config.save_json(config.Config(), tmp_path / "pre" / "config.json")  # all that --init-from is read for here
+    cfg, settings = active.load_config(None, ["active.rounds=3", "active.keep_checkpoints=true", "train.steps=7"],
+                                       str(tmp_path / "pre"))
+    assert settings == active.ActiveConfig(rounds=3, keep_checkpoints=True)
+    assert type(cfg) is config.FinetuneRunConfig and cfg.train.steps == 7
+    for bad, message in [("active.rouns=3", "unknown config key 'active.rouns'; did you mean 'active.rounds'?"),
+                         ("active.rounds=many", "config key 'active.rounds' expects an integer, got 'many'")]:
+        with pytest.raises(JaxgptError) as e:
+            active.load_config(None, [bad], str(tmp_path / "pre"))
+        assert str(e.value) == message

@@ -43,6 +43,9 @@ def test_cli_finetune_then_evaluate_then_classify(tmp_path, pretrained):
                      "finetune.pooling=mean")
     assert out.returncode == 0, out.stderr
     assert "trainable" in out.stdout and "done:" in out.stdout
+    saved = json.loads((run / "config.json").read_text())  # a fine-tune's sections, no RL ones
+    assert set(saved) == {"model", "data", "train", "mesh", "seed", "finetune"}
+    assert saved["finetune"]["task"] == "classify"
     test_metrics = json.loads((run / "test_metrics.json").read_text())
     assert set(test_metrics) >= {"loss", "accuracy", "macro_f1"} and test_metrics["n"] == 16
     (run / "test_metrics.json").unlink()

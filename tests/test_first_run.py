@@ -149,7 +149,7 @@ class InterruptedLearner(ActiveLearner):
 def test_ctrl_c_stops_active_learning_as_a_whole(tmp_path):
     train_ex = [Example(f"{i}", text=f"text {i}", label="ab"[i % 2]) for i in range(60)]
     task = TaskData("classify", train_ex, train_ex[:4], train_ex[:4], ["a", "b"])
-    cfg = config.build({"train.batch_size": 8, "seed": 1})
+    cfg = config.build({"train.batch_size": 8, "seed": 1}, config.FinetuneRunConfig)
     settings = ActiveConfig(strategy="entropy", rounds=4, query_size=5, seed_size=8)
     first = InterruptedLearner(cfg, settings, tmp_path, task)
     curve = first.run()

@@ -219,6 +219,7 @@ def test_rl_cli_end_to_end(pretrained, capsys):
     assert main(args) == 0
     records = [json.loads(ln) for ln in (run_dir / "rl_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert set(json.loads((run_dir / "config.json").read_text())) == {"model", "data", "train", "mesh", "seed", "rl"}
     assert {"eval_reward", "eval_kl"} <= set(records[0]) and records[0]["eval_kl"] == pytest.approx(0, abs=1e-6)
     assert {"reward", "kl", "loss", "clip_frac", "eval_reward"} <= set(records[-1])
     assert (run_dir / "rl_samples.jsonl").is_file()

@@ -12,7 +12,6 @@ active_curve.jsonl (one line per round) and round_NN/ (each round's fine-tune ru
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import numpy as np
 
 from jaxgpt import config as config_lib
 from jaxgpt.active import acquisition as acq
-from jaxgpt.config import Config
+from jaxgpt.config import FinetuneRunConfig
 from jaxgpt.data import tokenizers
 from jaxgpt.data.records import read_jsonl
 from jaxgpt.errors import JaxgptError
@@ -55,24 +54,17 @@ class ActiveConfig:
     keep_checkpoints: bool = False  # keep every round's checkpoints (by default only the last round's)
 
 
-def load_config(path: str | None, overrides: list[str], init_from: str | None) -> tuple[Config, ActiveConfig]:
-    """The fine-tune config (as `jaxgpt finetune` builds it) and the `active.*` settings."""
+def load_config(path: str | None, overrides: list[str],
+                init_from: str | None) -> tuple[FinetuneRunConfig, ActiveConfig]:
+    """The fine-tune config (as `jaxgpt finetune` builds it) and the `active.*` settings, typed the same way."""
     flat = config_lib.read_yaml(path) if path else {}
     flat.update(config_lib.parse_overrides(overrides))
-    active = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("active.")}
-    fields = {f.name: f.type for f in dataclasses.fields(ActiveConfig)}
-    types = {"str": str, "int": int, "bool": bool}
-    for key in active:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
-            hint = f"; did you mean 'active.{close[0]}'?" if close else f"; valid: {', '.join(fields)}"
-            raise JaxgptError(f"unknown config key 'active.{key}'{hint}")
-    settings = ActiveConfig(**{k: config_lib._coerce(f"active.{k}", v, types[fields[k]]) for k, v in active.items()})
-    cfg = config_from_flat({k: v for k, v in flat.items() if not k.startswith("active.")}, init_from)
-    return cfg, settings
+    active = {k: v for k, v in flat.items() if k.startswith("active.")}
+    settings = config_lib.build(active, ActiveConfig, "active.")
+    return config_from_flat({k: v for k, v in flat.items() if k not in active}, init_from), settings
 
 
-def check(settings: ActiveConfig, cfg: Config, n_train: int) -> None:
+def check(settings: ActiveConfig, cfg: FinetuneRunConfig, n_train: int) -> None:
     acq.check_strategy(settings.strategy)
     for name in ("rounds", "query_size", "seed_size", "diversity"):
         if getattr(settings, name) <= 0:
@@ -95,7 +87,8 @@ def _write_atomic(path: Path, text: str) -> None:
 class ActiveLearner:
     """The loop; `fit` (fine-tune a round) and `score` (score the pool) are the two expensive steps."""
 
-    def __init__(self, cfg: Config, settings: ActiveConfig, run_dir: str | Path, task: TaskData | None = None):
+    def __init__(self, cfg: FinetuneRunConfig, settings: ActiveConfig, run_dir: str | Path,
+                 task: TaskData | None = None):
         self.cfg, self.settings, self.dir = cfg, settings, Path(run_dir)
         self.task = task or load_task(cfg.finetune)
         if self.task.task != "classify":
@@ -273,6 +266,6 @@ class ActiveLearner:
         self._save()
 
 
-def run(cfg: Config, settings: ActiveConfig, run_dir: str | Path) -> list[dict[str, Any]]:
+def run(cfg: FinetuneRunConfig, settings: ActiveConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     """Run (or resume) active learning in `run_dir`; returns the learning curve so far."""
     return ActiveLearner(cfg, settings, run_dir).run()

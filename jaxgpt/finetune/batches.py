@@ -52,39 +52,36 @@ def encode(examples: list[Example], task: str, tok: Tokenizer, max_len: int, lab
     return Encoded([p[0] for p in pairs], in_loss=[p[1] for p in pairs])
 
 
-def make_batch(enc: Encoded, rows: np.ndarray, batch_size: int, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Left-padded batch of `rows` (then weight-0 filler rows up to batch_size)."""
+def make_batch(enc: Encoded, rows: np.ndarray, batch_size: int, max_len: int, pad_id: int,
+               keep: slice = slice(None)) -> dict[str, np.ndarray]:
+    """Left-padded batch of `rows` (then weight-0 filler rows up to batch_size). Only its rows `keep` (this
+    host's) are built, at the width the whole batch needs, so every host agrees on the shape."""
     sft = enc.in_loss is not None
     lengths = [len(enc.ids[r]) - sft for r in rows]
     T = bucket(max(lengths), max_len)
-    tokens_BxT = np.full((batch_size, T), pad_id, np.int32)
-    start_B = np.full((batch_size,), T - 1, np.int32)  # filler rows: one pad token
-    weight_B = np.zeros((batch_size,), np.float32)
-    batch: dict[str, np.ndarray] = {}
-    if sft:
-        target_BxT = np.full((batch_size, T), pad_id, np.int32)
-        mask_BxT = np.zeros((batch_size, T), np.float32)
-    for b, r in enumerate(rows):
-        ids, n = enc.ids[r], lengths[b]
-        start_B[b], weight_B[b] = T - n, 1.0
-        tokens_BxT[b, T - n:] = ids[:n]
+    lo, hi, _ = keep.indices(batch_size)
+    B = hi - lo
+    tokens_BxT, target_BxT = np.full((B, T), pad_id, np.int32), np.full((B, T), pad_id, np.int32)
+    mask_BxT = np.zeros((B, T), np.float32)
+    start_B = np.full((B,), T - 1, np.int32)  # filler rows: one pad token
+    weight_B, label_B = np.zeros((B,), np.float32), np.zeros((B,), np.int32)
+    for b in range(lo, min(hi, len(rows))):
+        r, n, i = rows[b], lengths[b], b - lo
+        start_B[i], weight_B[i] = T - n, 1.0
+        tokens_BxT[i, T - n:] = enc.ids[r][:n]
         if sft:
-            target_BxT[b, T - n:] = ids[1:n + 1]
-            mask_BxT[b, T - n:] = enc.in_loss[r][1:n + 1]  # loss on a target iff it is an assistant token
-    batch.update(tokens=tokens_BxT, start=start_B, weight=weight_B)
-    if sft:
-        batch.update(targets=target_BxT, mask=mask_BxT)
-    else:
-        label_B = np.zeros((batch_size,), np.int32)
-        label_B[:len(rows)] = enc.label_N[rows]
-        batch["label"] = label_B
-    return batch
+            target_BxT[i, T - n:] = enc.ids[r][1:n + 1]
+            mask_BxT[i, T - n:] = enc.in_loss[r][1:n + 1]  # loss on a target iff it is an assistant token
+        else:
+            label_B[i] = enc.label_N[r]
+    batch = {"tokens": tokens_BxT, "start": start_B, "weight": weight_B}
+    return {**batch, "targets": target_BxT, "mask": mask_BxT} if sft else {**batch, "label": label_B}
 
 
-def train_batches(enc: Encoded, batch_size: int, max_len: int, pad_id: int, seed: int,
-                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches: each epoch shuffles, sorts windows of 16 batches by length (less padding), cuts
-    them into batches and shuffles the batch order. A pure function of (seed, epoch)."""
+def train_batches(enc: Encoded, batch_size: int, max_len: int, pad_id: int, seed: int, start_step: int = 0,
+                  keep: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches (their rows `keep`): each epoch shuffles, sorts windows of 16 batches by length (less
+    padding), cuts them into batches and shuffles the batch order. A pure function of (seed, epoch)."""
     n = len(enc)
     if n < batch_size:
         raise ValueError(f"{n} training examples are fewer than the batch size {batch_size}")
@@ -99,7 +96,7 @@ def train_batches(enc: Encoded, batch_size: int, max_len: int, pad_id: int, seed
         batches = [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
         for k in rng.permutation(len(batches)):
             if step >= start_step:
-                yield make_batch(enc, batches[k], batch_size, max_len, pad_id)
+                yield make_batch(enc, batches[k], batch_size, max_len, pad_id, keep)
             step += 1
         epoch += 1
 

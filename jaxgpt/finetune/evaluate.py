@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from jaxgpt import conversation
-from jaxgpt.config import Config
+from jaxgpt.config import FinetuneRunConfig
 from jaxgpt.data.tokenizers import Tokenizer
 from jaxgpt.finetune import metrics as M
 from jaxgpt.finetune.batches import Encoded, eval_batches
@@ -27,8 +27,9 @@ def class_probs(eval_step: Callable, params, enc: Encoded, batch_size: int, max_
     return out
 
 
-def evaluate(cfg: Config, eval_step: Callable, params, task: TaskData, split: str, enc: Encoded, tok: Tokenizer,
-             max_len: int, put: Callable, template: conversation.Template = conversation.DEFAULT) -> dict[str, float]:
+def evaluate(cfg: FinetuneRunConfig, eval_step: Callable, params, task: TaskData, split: str, enc: Encoded,
+             tok: Tokenizer, max_len: int, put: Callable,
+             template: conversation.Template = conversation.DEFAULT) -> dict[str, float]:
     B = cfg.train.batch_size
     if task.task == "classify":
         logits_NxC = class_probs(eval_step, params, enc, B, max_len, tok.eos_id, put)
@@ -47,7 +48,7 @@ def evaluate(cfg: Config, eval_step: Callable, params, task: TaskData, split: st
     return result
 
 
-def generative_scores(cfg: Config, gpt_params, examples, tok: Tokenizer,
+def generative_scores(cfg: FinetuneRunConfig, gpt_params, examples, tok: Tokenizer,
                       template: conversation.Template = conversation.DEFAULT) -> dict[str, float]:
     """Greedy answers to the first `finetune.gen_examples` prompts, scored against the references.
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxgpt import config as config_lib
 from jaxgpt import rundir
-from jaxgpt.config import Config
+from jaxgpt.config import FinetuneRunConfig
 from jaxgpt.data import tokenizers
 from jaxgpt.finetune.batches import encode, eval_batches
 from jaxgpt.finetune.data import Example
@@ -22,7 +22,7 @@ from jaxgpt.model import init_params
 from jaxgpt.train.checkpoint import restore_params
 
 
-def load_params(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Any, dict]:
+def load_params(run_dir: str | Path, checkpoint: str = "best") -> tuple[FinetuneRunConfig, Any, dict]:
     """(config, {"gpt", "head"?} params, checkpoint meta) of a fine-tune run dir."""
     run_dir = Path(run_dir)
     cfg = config_lib.load_json(run_dir / "config.json")
@@ -43,7 +43,7 @@ def load_params(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, 
 class Classifier:
     """A fine-tuned sequence classifier: `classify(texts)` -> (labels, NxC probabilities)."""
 
-    def __init__(self, cfg: Config, params, tokenizer: tokenizers.Tokenizer, step: int | None = None):
+    def __init__(self, cfg: FinetuneRunConfig, params, tokenizer: tokenizers.Tokenizer, step: int | None = None):
         self.cfg, self.params, self.tokenizer, self.step = cfg, params, tokenizer, step
         self.labels = [s for s in cfg.finetune.labels.split(",") if s]
         self.max_len = cfg.finetune.max_len or cfg.model.block_size

@@ -21,7 +21,7 @@ import optax
 
 from jaxgpt import config as config_lib
 from jaxgpt import conversation, rundir, sharding
-from jaxgpt.config import Config
+from jaxgpt.config import FinetuneRunConfig
 from jaxgpt.data import tokenizers
 from jaxgpt.errors import JaxgptError
 from jaxgpt.finetune import batches as batch_lib
@@ -38,18 +38,18 @@ from jaxgpt.train.checkpoint import Checkpointer, restore_params
 MODEL_KEYS = ("dropout", "lora_rank", "lora_alpha", "lora_targets", "dtype", "remat", "attention")
 
 
-def load_config(path: str | None, overrides: list[str], init_from: str | None) -> Config:
+def load_config(path: str | None, overrides: list[str], init_from: str | None) -> FinetuneRunConfig:
     """Pretrained run's model/data/seed + the fine-tune YAML and overrides (train.*, finetune.*, a few model.*)."""
     flat = config_lib.read_yaml(path) if path else {}
     flat.update(config_lib.parse_overrides(overrides))
     return config_from_flat(flat, init_from)
 
 
-def config_from_flat(flat: dict[str, Any], init_from: str | None) -> Config:
+def config_from_flat(flat: dict[str, Any], init_from: str | None) -> FinetuneRunConfig:
     """load_config's merge, from an already flattened {dotted key: value} dict."""
     init_from = init_from or flat.get("finetune.init_from", "")
     base = rundir.pretrained_base(init_from, flat, MODEL_KEYS, "finetune")
-    return config_lib.build({**base, **flat, "finetune.init_from": str(init_from)})
+    return config_lib.build({**base, **flat, "finetune.init_from": str(init_from)}, FinetuneRunConfig)
 
 
 def _class_weights(spec: str, labels: list[str], label_N: np.ndarray) -> np.ndarray:
@@ -68,7 +68,7 @@ def _class_weights(spec: str, labels: list[str], label_N: np.ndarray) -> np.ndar
     return weights
 
 
-def initial_params(cfg: Config, n_classes: int, rng: jax.Array):
+def initial_params(cfg: FinetuneRunConfig, n_classes: int, rng: jax.Array):
     """{"gpt": pretrained weights (+ fresh LoRA adapters), "head": new head} or a random init (from_scratch)."""
     init_rng, head_rng = jax.random.split(rng)
     gpt = init_params(cfg.model, init_rng)
@@ -91,7 +91,7 @@ def _overlay(fresh: dict, pretrained: dict) -> dict:
             for k, v in fresh.items()}
 
 
-def check(cfg: Config) -> None:
+def check(cfg: FinetuneRunConfig) -> None:
     ft, tc = cfg.finetune, cfg.train
     if ft.pooling not in POOLINGS:
         raise JaxgptError(f"finetune.pooling must be one of {', '.join(POOLINGS)}, got '{ft.pooling}'")
@@ -105,13 +105,13 @@ def check(cfg: Config) -> None:
                           "finetune.max_len (0 means the whole context)")
 
 
-def _check_resumable(run_dir: Path, cfg: Config) -> None:
+def _check_resumable(run_dir: Path, cfg: FinetuneRunConfig) -> None:
     """Running again on a fine-tune run dir continues it, with the same task and settings (train.* may change)."""
     saved_file = rundir.config_path(run_dir)
     if not saved_file.is_file():
         return
     saved = config_lib.load_json(saved_file)
-    if not saved.finetune.task:
+    if not isinstance(saved, FinetuneRunConfig):
         raise JaxgptError(f"'{run_dir}' is a pretrained run dir, not a fine-tune; pass a new --run-dir")
     rundir.resolve_config(run_dir, cfg)  # model, data and seed
     for name in ("init_from", "source", "from_scratch", "freeze", "pooling", "metric", "max_len"):
@@ -122,7 +122,7 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
 
 
 class FineTuner:
-    def __init__(self, cfg: Config, run_dir: str | Path, task: TaskData | None = None):
+    def __init__(self, cfg: FinetuneRunConfig, run_dir: str | Path, task: TaskData | None = None):
         """`task`: already loaded task data (e.g. a labelled subset); by default read from cfg.finetune.
         A run dir that holds an interrupted fine-tune is continued."""
         self.run_dir = Path(run_dir)
@@ -136,6 +136,8 @@ class FineTuner:
         self.cfg = cfg
         self.max_len = ft.max_len or cfg.model.block_size
         self.metric, self.mode = selection_metric(self.task.task, ft.metric)
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        self.rows = sharding.host_rows(self.mesh, cfg.train.batch_size)  # this host loads only these rows
         self.run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copytree(Path(ft.init_from) / "tokenizer", self.run_dir / "tokenizer", dirs_exist_ok=True)
         config_lib.save_json(cfg, self.run_dir / "config.json")
@@ -147,7 +149,6 @@ class FineTuner:
         enc = {s: batch_lib.encode(self.task.split(s), self.task.task, self.tok, self.max_len, self.task.labels,
                                    self.template) for s in ("train", "val")}
         self.enc = enc
-        self.mesh = sharding.make_mesh(cfg.mesh)
 
     def run(self) -> dict[str, Any]:
         with runner.lock(self.run_dir):
@@ -161,7 +162,8 @@ class FineTuner:
         tx, lr_schedule = optim.make_optimizer(tc, cfg.model, ft, params, trainable)
         class_w = _class_weights(ft.class_weights, task.labels, self.enc["train"].label_N) if task.task == "classify" \
             else np.ones(1, np.float32)
-        self.steps = step_lib.build(cfg.model, task.task, ft.pooling, class_w, tx, lr_schedule, trainable, self.mesh)
+        self.steps = step_lib.build(cfg.model, task.task, ft.pooling, class_w, tx, lr_schedule, trainable, self.mesh,
+                                     params)
         n_train, n_total = optim.count(params, trainable)
         print(f"jaxgpt finetune: {task.task} on {ft.source} ({len(task.train)} train / {len(task.val)} val / "
               f"{len(task.test)} test), {n_train / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trainable "
@@ -176,7 +178,7 @@ class FineTuner:
         ckpt = Checkpointer(self.run_dir, f"val_{self.metric}", self.mode)
         try:
             with jax.set_mesh(self.mesh), step_lib.rules():
-                state = step_lib.init_state(params, tx, self.steps.param_shardings)
+                state = step_lib.init_state(params, tx, self.steps.state_shardings)
                 abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
                 restored = ckpt.restore_latest(abstract)
                 if restored is not None:
@@ -188,7 +190,7 @@ class FineTuner:
                 out = None
                 if start < tc.steps and not self.early_stopped:
                     self.stream = batch_lib.train_batches(self.enc["train"], tc.batch_size, self.max_len,
-                                                          self.tok.eos_id, cfg.seed, start)
+                                                          self.tok.eos_id, cfg.seed, start, self.rows)
                     out = runner.run(_FineTuning(self), state, start, runner.Cadence.of(tc, save_on_eval=True),
                                      ckpt, self.run_dir, progress=tc.progress)
                     summary.update(out.summary)
@@ -228,13 +230,14 @@ class _FineTuning(runner.Mode):
     def step(self, state, step: int):
         ft = self.ft
         lr_scale = np.float32(ft.plateau_state.scale) if ft.plateau else np.float32(1.0)
-        state, m = ft.steps.step(state, ft.steps.put_batch(next(ft.stream)), ft.dropout_rng, lr_scale)
+        batch = sharding.global_batch(next(ft.stream), ft.mesh, ft.cfg.train.batch_size)
+        state, m = ft.steps.step(state, batch, ft.dropout_rng, lr_scale)
         return state, {"train_loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
 
     def evaluate(self, state, step: int) -> dict[str, float]:
         ft = self.ft
         val = eval_lib.evaluate(ft.cfg, ft.steps.eval, state["params"], ft.task, "val", ft.enc["val"], ft.tok,
-                                ft.max_len, ft.steps.put_batch, ft.template)
+                                ft.max_len, ft.steps.put_eval, ft.template)
         return {f"val_{k}": v for k, v in val.items()}
 
     def after_eval(self, record: dict[str, Any], step: int) -> str | None:
@@ -252,7 +255,7 @@ class _FineTuning(runner.Mode):
         return self.ft.loop_state()
 
 
-def finetune(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+def finetune(cfg: FinetuneRunConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fine-tune `cfg.finetune.init_from` on the task; returns the summary (with test metrics)."""
     return FineTuner(cfg, run_dir).run()
 
@@ -262,7 +265,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     from jaxgpt.finetune.infer import load_params
 
     run_dir = Path(run_dir)
-    if not rundir.resolve_config(run_dir, None).finetune.task:
+    if not isinstance(rundir.resolve_config(run_dir, None), FinetuneRunConfig):
         raise JaxgptError(f"'{run_dir}' is a pretrained run dir, not a fine-tune; `jaxgpt evaluate` takes the run "
                           "dir of `jaxgpt finetune` (for a language model's loss on text use `jaxgpt perplexity`)")
     cfg, params, meta = load_params(run_dir, checkpoint)

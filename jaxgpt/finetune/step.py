@@ -3,7 +3,8 @@
 `finetune_step(state, batch, rng, lr_scale) -> (state, metrics)` is separate from `pretrain_step`:
 padded, masked batches, a task loss, frozen gradients zeroed, and an LR scale from reduce-on-plateau
 (a traced scalar, so changing it never recompiles). The GPT params are sharded by their logical axis
-names through `jaxgpt.sharding`, the head is replicated, and the batch is split along the batch axes.
+names through `jaxgpt.sharding`, the head is replicated, optimizer moments follow their parameters, and the
+batch is split along the batch axes; the step is jitted with these shardings in and out, as pretraining's is.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxgpt import sharding
 from jaxgpt.config import ModelConfig
@@ -63,39 +64,46 @@ def make_eval_step(model_cfg: ModelConfig, task: str, pooling: str) -> Callable:
 @dataclass
 class Steps:
     mesh: Mesh
-    param_shardings: Any
+    state_shardings: Any  # of the train state {"step", "params", "opt_state"}
     step: Callable
     eval: Callable
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """One process's full batch, split along the mesh's batch axes."""
-        return {k: jax.device_put(v, NamedSharding(self.mesh, P(("data", "fsdp"), *[None] * (v.ndim - 1))))
-                for k, v in batch.items()}
+    def put_eval(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """An evaluation batch (every host holds all of it), split along the mesh's batch axes."""
+        return jax.device_put(batch, sharding.batch_sharding(self.mesh))
 
 
-def param_shardings(model_cfg: ModelConfig, mesh: Mesh, has_head: bool):
-    """GPT params by their logical axes; the (small) head replicated."""
+def state_shardings(model_cfg: ModelConfig, params, tx, mesh: Mesh) -> dict[str, Any]:
+    """GPT params by their logical axes, the (small) head replicated; optimizer moments follow their params."""
     tokens = jnp.zeros((1, min(model_cfg.block_size, 8)), jnp.int32)
     boxed = jax.eval_shape(lambda: GPT(model_cfg).init(jax.random.key(0), tokens)["params"])
-    out = {"gpt": sharding.logical_shardings(boxed, mesh)}
-    if has_head:
-        out["head"] = {"kernel": sharding.replicated(mesh), "bias": sharding.replicated(mesh)}
-    return out
+    replicated = sharding.replicated(mesh)
+    params_s = {"gpt": sharding.logical_shardings(boxed, mesh),
+                **({"head": jax.tree.map(lambda _: replicated, params["head"])} if "head" in params else {})}
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (frozen params: no moments)
+    opt_s = optax.tree_utils.tree_map_params(tx, lambda p, s: p if masked(p) else s, jax.eval_shape(tx.init, params),
+                                             params_s, transform_non_params=lambda _: replicated, is_leaf=masked)
+    return {"step": replicated, "params": params_s, "opt_state": opt_s}
 
 
 def build(model_cfg: ModelConfig, task: str, pooling: str, class_weight_C, tx, lr_schedule, trainable,
-          mesh: Mesh) -> Steps:
-    shardings = param_shardings(model_cfg, mesh, task == "classify")
-    # Optimizer-state shardings follow the params through XLA's propagation; the state is donated.
+          mesh: Mesh, params) -> Steps:
+    """The jitted steps for `params`' tree on `mesh`; the train state keeps its shardings and is donated."""
+    shardings = state_shardings(model_cfg, params, tx, mesh)
+    replicated = sharding.replicated(mesh)
     step = jax.jit(make_finetune_step(model_cfg, task, pooling, class_weight_C, tx, lr_schedule, trainable),
-                   donate_argnums=0)
+                   in_shardings=(shardings, sharding.batch_sharding(mesh), replicated, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
     evaluate = jax.jit(make_eval_step(model_cfg, task, pooling))
     return Steps(mesh, shardings, step, evaluate)
 
 
-def init_state(params, tx, shardings) -> State:
-    params = jax.device_put(params, shardings)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": jax.jit(tx.init)(params)}
+def init_state(params, tx, shardings=None) -> State:
+    """Step 0 with `params`, placed by `shardings` (of the whole state; None: where the params are)."""
+    if shardings is not None:
+        params = jax.device_put(params, shardings["params"])
+    return jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
+                   out_shardings=shardings)(params)
 
 
 def rules():

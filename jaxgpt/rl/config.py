@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jaxgpt import config as config_lib
 from jaxgpt import rundir
-from jaxgpt.config import Config
+from jaxgpt.config import RLRunConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.train.loop import check_train_config
 
@@ -14,7 +14,7 @@ MODEL_KEYS = ("dtype", "remat", "attention")
 
 
 def load_config(path: str | None, overrides: list[str], init_from: str | None = None,
-                extra: dict[str, str] | None = None) -> Config:
+                extra: dict[str, str] | None = None) -> RLRunConfig:
     """Config for `jaxgpt rl` / `jaxgpt dpo`; `extra` (CLI flags such as --data) wins over both."""
     flat = config_lib.read_yaml(path) if path else {}
     flat.update(config_lib.parse_overrides(list(overrides)))
@@ -23,10 +23,10 @@ def load_config(path: str | None, overrides: list[str], init_from: str | None = 
     base = rundir.pretrained_base(init_from, flat, MODEL_KEYS, "rl")
     # No dropout: the clipped ratio compares log-probs of the same params, which dropout noise would blur.
     base.update({"model.dropout": 0.0, "model.lora_rank": 0, "model.scan_layers": False})
-    return config_lib.build({**base, **flat, "rl.init_from": str(init_from)})
+    return config_lib.build({**base, **flat, "rl.init_from": str(init_from)}, RLRunConfig)
 
 
-def check(cfg: Config) -> None:
+def check(cfg: RLRunConfig) -> None:
     rl, tc = cfg.rl, cfg.train
     if rl.algorithm not in ("grpo", "dpo"):
         raise JaxgptError(f"rl.algorithm must be grpo or dpo, got '{rl.algorithm}'")

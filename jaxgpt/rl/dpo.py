@@ -92,11 +92,14 @@ def encode_pairs(tokenizer, pairs: list[Pair], block_size: int,
     return out
 
 
-def pair_batch(encoded: list[tuple[Row, Row]], eos_id: int, block_size: int) -> dict[str, np.ndarray]:
+def pair_batch(encoded: list[tuple[Row, Row]], eos_id: int, block_size: int,
+               keep: slice = slice(None)) -> dict[str, np.ndarray]:
     """tokens_BxL (B = 2 x pairs: chosen rows, then rejected rows, right-padded with eos) and the response
-    mask_BxL over token slots (1 where token t is a response token or the closing eos)."""
+    mask_BxL over token slots (1 where token t is a response token or the closing eos). Only the rows `keep`
+    (this host's) are built, at the width the whole batch needs."""
     rows = [c for c, _ in encoded] + [r for _, r in encoded]
     L = min(prompt_bucket(max(len(ids) for ids, _ in rows), 16), block_size)
+    rows = rows[keep]
     tokens_BxL = np.full((len(rows), L), eos_id, np.int32)
     mask_BxL = np.zeros((len(rows), L), np.float32)
     for b, (ids, start) in enumerate(rows):

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxgpt import config as config_lib
 from jaxgpt import conversation, rundir, sharding
-from jaxgpt.config import Config
+from jaxgpt.config import RLRunConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import left_pad, prompt_bucket
 from jaxgpt.rl import dpo as dpo_lib
@@ -43,7 +43,7 @@ class _Run(runner.Mode):
         """(metric, 'min' or 'max') the checkpoints are ranked by."""
         raise NotImplementedError
 
-    def __init__(self, cfg: Config, run_dir: str | Path, updates_per_step: int):
+    def __init__(self, cfg: RLRunConfig, run_dir: str | Path, updates_per_step: int):
         from jaxgpt.api import load
 
         check(cfg)
@@ -94,21 +94,9 @@ class _Run(runner.Mode):
         stack.enter_context(nn.logical_axis_rules(sharding.RULES))
         return stack
 
-    def jit_step(self, fn, batch_example: dict[str, np.ndarray], extra_args: int = 0):
-        """fn(state, ref_params, batch, *replicated) jitted with shardings; the state is donated."""
-        rows = {k: self.ps.rows(v.ndim) for k, v in batch_example.items()}
-        replicated = sharding.replicated(self.mesh)
-        return jax.jit(fn, in_shardings=(self.ps.shardings, self.ps.shardings["params"], rows,
-                                         *([replicated] * extra_args)),
-                       out_shardings=(self.ps.shardings, replicated), donate_argnums=0)
-
-    def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.device_put(v, self.ps.rows(v.ndim)) for k, v in batch.items()}
-
-    def check_rows(self, rows: int, what: str) -> None:
-        n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if rows % n:
-            raise JaxgptError(f"{what} ({rows} rows) must be divisible by mesh.data x mesh.fsdp ({n})")
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows (`self.rows` of `self.B`) -> the global batch on the mesh."""
+        return sharding.global_batch(local, self.mesh, self.B)
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -116,7 +104,7 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class GRPOLoop(_Run):
-    def __init__(self, cfg: Config, run_dir: str | Path):
+    def __init__(self, cfg: RLRunConfig, run_dir: str | Path):
         super().__init__(cfg, run_dir, cfg.rl.ppo_epochs * cfg.rl.minibatches)
         rl = self.cfg.rl
         self.reward_fn = rewards.make_reward(rl)
@@ -125,8 +113,8 @@ class GRPOLoop(_Run):
         self.train_prompts = [(self._text(t), self._encode(t)) for t in train_texts]
         self.eval_prompts = [(self._text(t), self._encode(t)) for t in eval_texts]
         self.B = rl.prompts_per_step * rl.group_size
-        self.check_rows(self.B, "rl.prompts_per_step x rl.group_size")
-        self.check_rows(self.B // rl.minibatches, "a minibatch")
+        self.rows = sharding.host_rows(self.mesh, self.B, "rl.prompts_per_step x rl.group_size")
+        sharding.host_rows(self.mesh, self.B // rl.minibatches, "a minibatch")  # checks the split
         # One prompt width for every batch: one compilation of the sampler and the step.
         longest = max(len(ids) for _, ids in self.train_prompts + self.eval_prompts)
         self.P = min(prompt_bucket(longest), self.cfg.model.block_size - rl.max_new_tokens)
@@ -136,7 +124,7 @@ class GRPOLoop(_Run):
         self.kl_of = jax.jit(lambda p, r, t, s: grpo.token_kl(policy.completion_logprobs(cfg, p, t, s, nv, P),
                                                               policy.completion_logprobs(cfg, r, t, s, nv, P),
                                                               t[:, P:], "exact"))
-        self.step_fn = None
+        self.step_fn = self.ps.jit(grpo.make_rl_step(cfg, rl, self.ps.tx, nv, P), extra_args=1)
         self.samples_log: MetricsLog | None = None
 
     postfix = ("reward", "kl", "clip_frac")
@@ -215,10 +203,8 @@ class GRPOLoop(_Run):
 
     def step(self, state, step: int):
         batch, ro = self.train_batch(state["params"], step)
-        if self.step_fn is None:
-            fn = grpo.make_rl_step(self.cfg.model, self.cfg.rl, self.ps.tx, self.n_vocab, self.P)
-            self.step_fn = self.jit_step(fn, batch, extra_args=1)
-        state, metrics = self.step_fn(state, self.ref_params, self.put(batch), jax.random.key(self.cfg.seed))
+        local = {k: v[self.rows] for k, v in batch.items()}  # every host sampled all rows; each feeds its own
+        state, metrics = self.step_fn(state, self.ref_params, self.global_batch(local), jax.random.key(self.cfg.seed))
         return state, {"reward": float(ro["rewards_B"].mean()), "reward_std": float(ro["rewards_B"].std()),
                        **_floats(metrics), "completion_len": float(batch["mask_BxN"].sum(1).mean())}
 
@@ -227,7 +213,7 @@ class GRPOLoop(_Run):
 
 
 class DPOLoop(_Run):
-    def __init__(self, cfg: Config, run_dir: str | Path):
+    def __init__(self, cfg: RLRunConfig, run_dir: str | Path):
         super().__init__(cfg, run_dir, 1)
         pairs = dpo_lib.read_pairs(self.cfg.rl.data)
         encoded = dpo_lib.encode_pairs(self.tok, pairs, self.cfg.model.block_size, self.template)
@@ -236,17 +222,18 @@ class DPOLoop(_Run):
         self.val = [e for i, e in enumerate(encoded) if period and i % period == period // 2]
         self.train = [e for i, e in enumerate(encoded) if not (period and i % period == period // 2)]
         self.K = self.cfg.train.batch_size
-        self.check_rows(2 * self.K, "2 x train.batch_size")
-        fn = dpo_lib.make_dpo_step(self.cfg.model, self.cfg.rl.dpo_beta, self.ps.tx, self.n_vocab)
-        self.step_fn = self.jit_step(fn, {"tokens_BxL": np.zeros((2, 2), np.int32), "mask_BxL": np.zeros((2, 2))})
+        self.B = 2 * self.K
+        self.rows = sharding.host_rows(self.mesh, self.B, "2 x train.batch_size")
+        self.step_fn = self.ps.jit(dpo_lib.make_dpo_step(self.cfg.model, self.cfg.rl.dpo_beta, self.ps.tx,
+                                                         self.n_vocab))
         self.eval_fn = jax.jit(dpo_lib.make_dpo_eval(self.cfg.model, self.cfg.rl.dpo_beta, self.n_vocab))
 
     def selection(self) -> tuple[str, str]:
         # Without held-out pairs, the training batch's loss stands in for the selection metric.
         return ("val_loss" if self.val else "loss"), "min"
 
-    def batch(self, pairs) -> dict[str, np.ndarray]:
-        return dpo_lib.pair_batch(pairs, self.tok.eos_id, self.cfg.model.block_size)
+    def batch(self, pairs, keep: slice = slice(None)) -> dict[str, np.ndarray]:
+        return dpo_lib.pair_batch(pairs, self.tok.eos_id, self.cfg.model.block_size, keep)
 
     def begin(self, start: int) -> None:
         if jax.process_index() == 0:
@@ -259,7 +246,8 @@ class DPOLoop(_Run):
     def step(self, state, step: int):
         rng = np.random.default_rng([self.cfg.seed, step])
         chosen = rng.choice(len(self.train), self.K, replace=len(self.train) < self.K)
-        state, metrics = self.step_fn(state, self.ref_params, self.put(self.batch([self.train[i] for i in chosen])))
+        local = self.batch([self.train[i] for i in chosen], self.rows)
+        state, metrics = self.step_fn(state, self.ref_params, self.global_batch(local))
         return state, _floats(metrics)
 
     def evaluate(self, state, step: int) -> dict[str, float]:
@@ -275,7 +263,7 @@ class DPOLoop(_Run):
         return {f"val_{k}": v / len(self.val) for k, v in sums.items()}
 
 
-def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: RLRunConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train (or resume) an RL run: GRPO or DPO by cfg.rl.algorithm."""
     loop = DPOLoop(cfg, run_dir) if cfg.rl.algorithm == "dpo" else GRPOLoop(cfg, run_dir)
     return loop.run()

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P_
+from jax.sharding import Mesh
 
 from jaxgpt import sharding
 from jaxgpt.config import ModelConfig, TrainConfig
@@ -106,9 +106,13 @@ class PolicyState:
         """A copy in its own buffers: the train state is donated, the reference must outlive it."""
         return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.shardings["params"])(params)
 
-    def rows(self, ndim: int) -> NamedSharding:
-        """Sharding of a batch array of `ndim` dims: rows across (data, fsdp)."""
-        return NamedSharding(self.mesh, P_(("data", "fsdp"), *([None] * (ndim - 1))))
+    def jit(self, fn, extra_args: int = 0):
+        """fn(state, ref_params, batch, *replicated) jitted with the state's shardings in and out and the batch
+        split by rows; the state is donated."""
+        replicated = sharding.replicated(self.mesh)
+        return jax.jit(fn, in_shardings=(self.shardings, self.shardings["params"], sharding.batch_sharding(self.mesh),
+                                         *([replicated] * extra_args)),
+                       out_shardings=(self.shardings, replicated), donate_argnums=0)
 
 
 def policy_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh) -> PolicyState:

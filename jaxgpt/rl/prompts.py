@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from jaxgpt import conversation
-from jaxgpt.config import Config
+from jaxgpt.config import RLRunConfig
 from jaxgpt.errors import JaxgptError
 
 
@@ -67,7 +67,7 @@ def _read_file(path: Path) -> list:
     return prompts
 
 
-def load_prompts(cfg: Config) -> tuple[list, list]:
+def load_prompts(cfg: RLRunConfig) -> tuple[list, list]:
     """(train prompts, held-out prompts) for cfg.rl.prompts; the held-out list has rl.eval_prompts entries."""
     n_eval = cfg.rl.eval_prompts
     if cfg.rl.prompts == "shakespeare":
