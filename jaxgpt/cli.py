@@ -79,7 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization (run dirs only; "
                      "export with --quantize int8 instead)")
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together on the device")
-    srv.add_argument("--no-batching", action="store_true", help="serve one request at a time (a baseline)")
+    srv.add_argument("--batching", choices=("continuous", "dynamic", "off"), default="continuous",
+                     help="continuous: requests join and leave the running decode between chunks (run dirs; an "
+                     "export batches dynamically); dynamic: a batch runs to its end; off: one request at a time")
     srv.add_argument("--model-name", help="the model id clients send (default: the run dir's name)")
     srv.add_argument("--stream-chunk", type=int, default=8, help="tokens per decode chunk (stream granularity)")
 
@@ -263,7 +265,7 @@ def _serve(args) -> None:
     from jaxgpt.serve import serve
 
     serve(args.run_dir, args.host, args.port, args.checkpoint or "best", args.quantize, args.max_batch,
-          not args.no_batching, args.model_name, chunk=args.stream_chunk, exported=args.exported)
+          args.batching, args.model_name, chunk=args.stream_chunk, exported=args.exported)
 
 
 def _export(args) -> None:

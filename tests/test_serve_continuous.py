@@ -1,0 +1,164 @@
+"""Continuous batching (jaxgpt.serve.slots through the Batcher): requests join and leave the running decode.
+
+The model is a tiny random one (weights scaled up so its tokens vary), driven through the Batcher directly:
+each request's tokens are checked against jaxgpt.generate run on that request alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import pytest
+
+from jaxgpt import config
+from jaxgpt.api import LanguageModel
+from jaxgpt.data import tokenizers
+from jaxgpt.generate import SamplingParams, generate_ids, prompt_bucket
+from jaxgpt.model import init_params
+from jaxgpt.serve.batcher import Batcher, Job, ScoreJob
+from jaxgpt.serve.slots import prefiller, stepper
+
+CHUNK = 4
+REFERENCE = 64  # new tokens of every reference generation (block_size 128)
+GREEDY = SamplingParams(0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = config.load(None, {"model.preset": "tiny", "model.vocab_size": 64, "model.block_size": 128})
+    tok = tokenizers.CharTokenizer(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.:!?'\n"))
+    params = jax.tree.map(lambda a: a * 3 if a.ndim > 1 else a, init_params(cfg.model, jax.random.key(1)))
+    return LanguageModel(cfg, params, tok, 0)
+
+
+class Request:
+    """A job whose events are kept with the time they arrived."""
+
+    def __init__(self, prompt: str, model, max_tokens: int, sampling=GREEDY, seed: int = 0, stops=()):
+        self.events: list[tuple[float, tuple]] = []
+        self.done = threading.Event()
+        self.prompt_ids = model.tokenizer.encode(prompt)
+        self.job = Job(self.prompt_ids, max_tokens, sampling, seed, list(stops), self._emit)
+
+    def _emit(self, ev: tuple) -> None:
+        self.events.append((time.monotonic(), ev))
+        if ev[0] in ("done", "error"):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(ev[1] for _, ev in self.events if ev[0] == "text")
+
+    def first(self, kind: str) -> float:
+        return next(t for t, ev in self.events if ev[0] == kind)
+
+
+def alone(model, r: Request) -> list[int]:
+    """The request's tokens from jaxgpt.generate, run by itself (the server's row key: seed=[seed]).
+
+    Always REFERENCE tokens, cut to max_tokens (a row's first n tokens do not depend on how many follow),
+    so the reference compiles once per prompt bucket."""
+    new = generate_ids(model.params, model.cfg.model, [r.prompt_ids], REFERENCE, eos_id=model.tokenizer.eos_id,
+                       n_vocab=model.tokenizer.vocab_size, sampling=r.job.sampling, seed=[r.job.seed])[0]
+    return new[:r.job.max_new_tokens]
+
+
+@pytest.fixture
+def batcher(model):
+    b = Batcher(model, max_batch=4, chunk=CHUNK)
+    b.start()
+    yield b
+    b.close()
+
+
+def wait(requests, timeout=120):
+    for r in requests:
+        assert r.done.wait(timeout), "a request did not finish"
+        assert r.events[-1][1][0] == "done", r.events[-1]
+
+
+def test_greedy_rows_arriving_at_different_times_equal_generate(model, batcher):
+    specs = [("The", 40), ("a longer prompt, with more in it", 9), ("x", 3), ("Once upon a time", 20),
+             ("ab", 30), ("Hello there, friend", 12), ("Q", 16)]
+    requests = [Request(p, model, n) for p, n in specs]
+    batcher.submit([requests[0].job])
+    for r in requests[1:]:  # the rest arrive while earlier rows decode, more than there are slots
+        time.sleep(0.05)
+        batcher.submit([r.job])
+    wait(requests)
+    for r in requests:
+        assert r.job.ids == alone(model, r)
+        assert r.text == model.tokenizer.decode(r.job.ids)
+    assert batcher.stats["largest_batch"] == 4  # rows really shared the slots
+    assert stepper(model.cfg.model, CHUNK)._cache_size() == 1  # one decode program for every mix of rows
+    buckets = {prompt_bucket(len(r.prompt_ids)) for r in requests}
+    assert prefiller(model.cfg.model)._cache_size() == len(buckets)  # one prefill program per prompt bucket
+
+
+def test_a_short_request_arriving_mid_decode_finishes_before_the_long_one(model, batcher):
+    long, short = Request("The", model, 60), Request("ab", model, 6)
+    batcher.submit([long.job])
+    while not long.events:  # the long row is decoding
+        time.sleep(0.005)
+    batcher.submit([short.job])
+    wait([long, short])
+    assert short.first("done") < long.first("done")
+    assert short.events[0][0] < long.events[-1][0]
+    assert long.job.ids == alone(model, long) and short.job.ids == alone(model, short)
+
+
+def test_a_row_samples_the_same_tokens_alone_and_among_others(model, batcher):
+    mine = dict(prompt="Once", max_tokens=30, sampling=SamplingParams(0.9, top_k=20, repetition_penalty=1.2), seed=7)
+    solo = Request(mine["prompt"], model, mine["max_tokens"], mine["sampling"], mine["seed"])
+    batcher.submit([solo.job])
+    wait([solo])
+    others = [Request("The", model, 25, SamplingParams(1.3, top_p=0.8), 1), Request("xyz", model, 12, GREEDY),
+              Request("Hello", model, 40, SamplingParams(0.7, min_new_tokens=5), 2)]
+    crowd = Request(mine["prompt"], model, mine["max_tokens"], mine["sampling"], mine["seed"])
+    batcher.submit([others[0].job, others[1].job])
+    time.sleep(0.05)
+    batcher.submit([crowd.job, others[2].job])
+    wait([crowd, *others])
+    assert crowd.job.ids == solo.job.ids == alone(model, solo)
+    for r in others:
+        assert r.job.ids == alone(model, r)
+
+
+def test_dynamic_batching_gives_the_same_tokens(model):
+    b = Batcher(model, max_batch=4, chunk=CHUNK, batching="dynamic")
+    b.start()
+    try:
+        requests = [Request(p, model, n, SamplingParams(0.8), seed) for p, n, seed in
+                    [("The", 20, 3), ("ab", 7, 4), ("Once upon", 13, 5)]]
+        b.submit([r.job for r in requests])
+        wait(requests)
+    finally:
+        b.close()
+    assert not b.continuous
+    for r in requests:
+        assert r.job.ids == alone(model, r)
+
+
+def test_stop_strings_cancellation_scoring_and_sliding_share_the_worker(model, batcher):
+    full = Request("The", model, 30)
+    batcher.submit([full.job])
+    wait([full])
+    stop = full.text[10:12]
+    stopped = Request("The", model, 30, stops=[stop])
+    cancelled = Request("Once upon", model, 60)
+    sliding = Request("ab", model, 150, SamplingParams(0.8), seed=9)  # 2 + 150 > 128: the window slides
+    scored = []
+    score = ScoreJob(model.tokenizer.encode("The cat"), 2, lambda ev: scored.append(ev))
+    batcher.submit([cancelled.job])
+    while not cancelled.events:
+        time.sleep(0.005)
+    cancelled.job.cancelled = True  # the client went away: its slot frees at the next chunk
+    batcher.submit([stopped.job, sliding.job, score])
+    wait([stopped, sliding])
+    assert stopped.text == full.text[:full.text.index(stop)] and stopped.events[-1][1][1] == "stop"
+    assert sliding.job.ids == model.tokenizer.encode(
+        model.generate(["ab"], max_new_tokens=150, temperature=0.8, seed=[9])[0])
+    assert scored and scored[0][0] == "scored"
+    assert len(cancelled.job.ids) < 60 and not cancelled.done.is_set()
