@@ -1,15 +1,18 @@
-"""Load test for `jaxgpt serve`: N concurrent streaming completions, with dynamic batching and without.
+"""Load test for `jaxgpt serve`: N concurrent streaming completions under each batching mode, in one run.
 
-For each mode a server is started as a subprocess on 127.0.0.1 (a free port), warmed up (bursts of 1, 2, 4
-and max-batch requests compile the batch shapes), then --requests streaming /v1/completions requests are
-sent at once (httpx, asyncio) with --max-tokens each (sampled, one seed per request). Every request must end
-with `data: [DONE]` and no error event. Reported per mode: requests/s and total completion tokens/s (over
-the wall time of the whole burst), p50/p99 latency (request sent -> [DONE]) and p50/p99 time to the first
-text chunk. The whole run is bounded by --timeout seconds per mode; the server gets SIGTERM at the end.
+Modes: `continuous` (rows join and leave the running decode between chunks), `dynamic` (a batch runs to
+its end) and `off` (one request at a time). For each mode a server is started as a subprocess on
+127.0.0.1 (a free port), warmed up (bursts at every batch size and power-of-two length compile the shapes
+each mode uses), then --requests streaming /v1/completions requests are sent at once (httpx, asyncio),
+request i asking for max_tokens drawn uniformly from --min-tokens..--max-tokens (one seeded draw, the same
+for every mode; sampled, one seed per request). Every request must end with `data: [DONE]` and no error
+event. Reported per mode: requests/s and completion tokens/s (over the wall time of the whole burst),
+p50/p99 latency (request sent -> [DONE]) and p50/p99 time to the first text chunk, and ratios against
+the first mode. The burst is bounded by --timeout seconds per mode; the server gets SIGTERM at the end.
 
 Run:
   python scripts/bench_serve.py --run-dir runs/shakespeare
-  python scripts/bench_serve.py --run-dir runs/shakespeare --requests 64 --max-tokens 32 --json-out serve.json
+  python scripts/bench_serve.py --run-dir runs/shakespeare --modes continuous,dynamic --json-out serve.json
 Prints a table, then one line `JSON {...}` (also written to --json-out FILE).
 """
 
@@ -65,11 +68,13 @@ async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: i
     return {"latency": latency, "ttft": first if first is not None else latency, "tokens": tokens}
 
 
-async def burst(url: str, n: int, max_tokens: int, offset: int = 0) -> tuple[list[dict], float]:
+async def burst(url: str, max_tokens: list[int], offset: int = 0) -> tuple[list[dict], float]:
+    """One request per entry of max_tokens, all sent at once."""
+    n = len(max_tokens)
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, url, offset + i, max_tokens) for i in range(n)))
+        results = await asyncio.gather(*(one_request(client, url, offset + i, m) for i, m in enumerate(max_tokens)))
         return list(results), time.perf_counter() - t0
 
 
@@ -90,17 +95,33 @@ def start_server(run_dir: str, port: int, extra: list[str]) -> subprocess.Popen:
     raise RuntimeError("server did not come up within 180 s")
 
 
-def run_mode(args, batching: bool) -> dict:
+def summary(mode: str, results: list[dict], wall: float, health: dict) -> dict:
+    errors = [r["error"] for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    lat, ttft = np.array([r["latency"] for r in ok]), np.array([r["ttft"] for r in ok])
+    tokens = sum(r["tokens"] for r in ok)
+    pct = lambda a, q: float(np.percentile(a, q)) if len(a) else None  # noqa: E731
+    return {"mode": mode, "requests": len(results), "errors": len(errors), "first_errors": errors[:3],
+            "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": tokens / wall, "tokens": tokens,
+            "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99), "ttft_p50_s": pct(ttft, 50),
+            "ttft_p99_s": pct(ttft, 99), "server_batches": health.get("batches"),
+            "server_largest_batch": health.get("largest_batch")}
+
+
+def run_mode(args, mode: str, max_tokens: list[int]) -> dict:
     port = free_port()
-    extra = ["--max-batch", str(args.max_batch)] + ([] if batching else ["--no-batching"])
+    extra = ["--max-batch", str(args.max_batch), "--batching", mode]
     if args.quantize:
         extra += ["--quantize", args.quantize]
     proc = start_server(args.run_dir, port, extra)
     url = f"http://127.0.0.1:{port}"
     try:
-        for size in sorted({1, 2, 4, args.max_batch} if batching else {1}):  # compile the batch shapes
-            asyncio.run(burst(url, size, args.max_tokens, offset=1000))
-        results, wall = asyncio.run(asyncio.wait_for(burst(url, args.requests, args.max_tokens), args.timeout))
+        lengths = sorted({min(max(16, 1 << (m - 1).bit_length()), args.max_tokens) for m in max_tokens})
+        sizes = [1] if mode == "off" else sorted({1, 2, 4, args.max_batch})
+        for size in sizes:  # compile every (rows, length) shape the burst can meet
+            for length in lengths:
+                asyncio.run(burst(url, [length] * size, offset=1000))
+        results, wall = asyncio.run(asyncio.wait_for(burst(url, max_tokens), args.timeout))
         health = httpx.get(f"{url}/health").json()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -108,47 +129,48 @@ def run_mode(args, batching: bool) -> dict:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    errors = [r["error"] for r in results if "error" in r]
-    ok = [r for r in results if "error" not in r]
-    lat, ttft = np.array([r["latency"] for r in ok]), np.array([r["ttft"] for r in ok])
-    tokens = sum(r["tokens"] for r in ok)
-    return {"batching": batching, "requests": len(results), "errors": len(errors), "first_errors": errors[:3],
-            "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": tokens / wall, "tokens": tokens,
-            "latency_p50_s": float(np.percentile(lat, 50)) if len(ok) else None,
-            "latency_p99_s": float(np.percentile(lat, 99)) if len(ok) else None,
-            "ttft_p50_s": float(np.percentile(ttft, 50)) if len(ok) else None,
-            "ttft_p99_s": float(np.percentile(ttft, 99)) if len(ok) else None,
-            "server_batches": health.get("batches"), "server_largest_batch": health.get("largest_batch")}
+    return summary(mode, results, wall, health)
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(title)
+    print(f"{'mode':11} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'p50 lat':>8} {'p99 lat':>8} {'p50 ttft':>9} "
+          f"{'p99 ttft':>9} {'tok/s vs ' + rows[0]['mode']:>20} {'batches':>8} {'largest':>8}")
+    fmt = lambda v: f"{v:.2f}s" if v is not None else "-"  # noqa: E731
+    for r in rows:
+        ratio = r["tokens_per_s"] / rows[0]["tokens_per_s"] if rows[0]["tokens_per_s"] else float("nan")
+        print(f"{r['mode']:11} {r['errors']:>6} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
+              f"{fmt(r['latency_p50_s']):>8} {fmt(r['latency_p99_s']):>8} {fmt(r['ttft_p50_s']):>9} "
+              f"{fmt(r['ttft_p99_s']):>9} {ratio:>19.2f}x {r['server_batches']:>8} {r['server_largest_batch']:>8}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--min-tokens", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--quantize", choices=("int8",))
-    ap.add_argument("--timeout", type=float, default=300, help="seconds allowed for the measured burst, per mode")
-    ap.add_argument("--modes", default="batching,no-batching")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed for the measured burst, per mode")
+    ap.add_argument("--modes", default="continuous,dynamic,off", help="batching modes, the first is the baseline")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if not 1 <= args.requests <= 512:
         ap.error("--requests must be in [1, 512]")
+    if not 1 <= args.min_tokens <= args.max_tokens:
+        ap.error("--min-tokens must be in [1, --max-tokens]")
     modes = [m.strip() for m in args.modes.split(",")]
-    rows = [run_mode(args, m == "batching") for m in modes]
+    if bad := [m for m in modes if m not in ("continuous", "dynamic", "off")]:
+        ap.error(f"--modes takes continuous, dynamic and off; got {', '.join(bad)}")
+    max_tokens = np.random.default_rng(0).integers(args.min_tokens, args.max_tokens + 1, args.requests).tolist()
+    rows = [run_mode(args, m, max_tokens) for m in modes]
 
-    print(f"{args.requests} concurrent streaming requests x {args.max_tokens} max tokens, run dir {args.run_dir}, "
-          f"cpu count {os.cpu_count()}")
-    print(f"{'mode':12} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'p50 lat':>8} {'p99 lat':>8} {'p50 ttft':>9} "
-          f"{'p99 ttft':>9} {'batches':>8} {'largest':>8}")
-    for r in rows:
-        name = "batching" if r["batching"] else "no-batching"
-        fmt = lambda v: f"{v:.2f}s" if v is not None else "-"  # noqa: E731
-        print(f"{name:12} {r['errors']:>6} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
-              f"{fmt(r['latency_p50_s']):>8} {fmt(r['latency_p99_s']):>8} {fmt(r['ttft_p50_s']):>9} "
-              f"{fmt(r['ttft_p99_s']):>9} {r['server_batches']:>8} {r['server_largest_batch']:>8}")
-    line = json.dumps({"requests": args.requests, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                       "quantize": args.quantize, "modes": rows})
+    print_table(f"{args.requests} concurrent streaming requests, max_tokens uniform in {args.min_tokens}.."
+                f"{args.max_tokens} (sum {sum(max_tokens)}), max batch {args.max_batch}, run dir {args.run_dir}, "
+                f"cpu count {os.cpu_count()}", rows)
+    line = json.dumps({"requests": args.requests, "min_tokens": args.min_tokens, "max_tokens": args.max_tokens,
+                       "max_batch": args.max_batch, "quantize": args.quantize, "modes": rows})
     print("JSON " + line)
     if args.json_out:
         with open(args.json_out, "w") as f:
