@@ -10,8 +10,14 @@ event. Reported per mode: requests/s and completion tokens/s (over the wall time
 p50/p99 latency (request sent -> [DONE]) and p50/p99 time to the first text chunk, and ratios against
 the first mode. The burst is bounded by --timeout seconds per mode; the server gets SIGTERM at the end.
 
+`--conversation`: instead, time to first token of each turn of --conversations chat conversations of
+--turns turns (sequential, greedy, --reply-tokens per reply; each turn sends the whole conversation so
+far), with the server's prefix cache on (the default) and off (`--prefix-cache-mb 0`), and the ratio at
+the last turn.
+
 Run:
   python scripts/bench_serve.py --run-dir runs/shakespeare
+  python scripts/bench_serve.py --run-dir runs/shakespeare --conversation
   python scripts/bench_serve.py --run-dir runs/shakespeare --modes continuous,dynamic --json-out serve.json
 Prints a table, then one line `JSON {...}` (also written to --json-out FILE).
 """
@@ -108,6 +114,82 @@ def summary(mode: str, results: list[dict], wall: float, health: dict) -> dict:
             "server_largest_batch": health.get("largest_batch")}
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed greedy chat turn: its reply, time to first text and prompt tokens."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0, first, reply, prompt_tokens = time.perf_counter(), None, "", None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                prompt_tokens = chunk["usage"]["prompt_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter() - t0
+                reply += chunk["choices"][0]["delta"]["content"]
+    return {"reply": reply, "ttft": first or time.perf_counter() - t0, "prompt_tokens": prompt_tokens}
+
+
+async def conversations(url: str, n: int, turns: int, reply_tokens: int, offset: int) -> list[list[dict]]:
+    out = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        for c in range(n):
+            messages, timings = [], []
+            for t in range(turns):
+                messages.append({"role": "user", "content": f"{PROMPTS[(offset + c + t) % len(PROMPTS)]} Say more."})
+                turn = await chat_turn(client, url, messages, reply_tokens)
+                messages.append({"role": "assistant", "content": turn["reply"]})
+                timings.append(turn)
+            out.append(timings)
+    return out
+
+
+def run_conversation(args) -> None:
+    rows = []
+    for cache_mb in (None, 0):
+        port = free_port()
+        extra = ["--max-batch", str(args.max_batch)] + ([] if cache_mb is None else ["--prefix-cache-mb", "0"])
+        proc = start_server(args.run_dir, port, extra)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(conversations(url, 2, args.turns, args.reply_tokens, offset=100))  # compile the shapes
+            runs = asyncio.run(conversations(url, args.conversations, args.turns, args.reply_tokens, offset=0))
+        finally:
+            stop_server(proc)
+        ttft = [float(np.median([run[t]["ttft"] for run in runs])) for t in range(args.turns)]
+        prompt = [int(np.median([run[t]["prompt_tokens"] for run in runs])) for t in range(args.turns)]
+        rows.append({"prefix_cache": cache_mb is None, "ttft_median_s_by_turn": ttft, "prompt_tokens_by_turn": prompt})
+    on, off = rows
+    print(f"{args.conversations} chat conversations x {args.turns} turns, {args.reply_tokens} greedy reply tokens, "
+          f"run dir {args.run_dir}, cpu count {os.cpu_count()}: median time to first token (ms)")
+    print(f"{'turn':>4} {'prompt tokens':>13} {'prefix cache':>12} {'no cache':>9} {'ratio':>6}")
+    for t in range(args.turns):
+        print(f"{t + 1:>4} {on['prompt_tokens_by_turn'][t]:>13} {on['ttft_median_s_by_turn'][t] * 1e3:>12.1f} "
+              f"{off['ttft_median_s_by_turn'][t] * 1e3:>9.1f} "
+              f"{off['ttft_median_s_by_turn'][t] / on['ttft_median_s_by_turn'][t]:>5.2f}x")
+    line = json.dumps({"conversations": args.conversations, "turns": args.turns, "reply_tokens": args.reply_tokens,
+                       "last_turn_speedup": off["ttft_median_s_by_turn"][-1] / on["ttft_median_s_by_turn"][-1],
+                       "modes": rows})
+    print("JSON " + line)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(line + "\n")
+
+
 def run_mode(args, mode: str, max_tokens: list[int]) -> dict:
     port = free_port()
     extra = ["--max-batch", str(args.max_batch), "--batching", mode]
@@ -124,11 +206,7 @@ def run_mode(args, mode: str, max_tokens: list[int]) -> dict:
         results, wall = asyncio.run(asyncio.wait_for(burst(url, max_tokens), args.timeout))
         health = httpx.get(f"{url}/health").json()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return summary(mode, results, wall, health)
 
 
@@ -154,8 +232,15 @@ def main() -> None:
     ap.add_argument("--quantize", choices=("int8",))
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed for the measured burst, per mode")
     ap.add_argument("--modes", default="continuous,dynamic,off", help="batching modes, the first is the baseline")
+    ap.add_argument("--conversation", action="store_true", help="time to first token per chat turn, prefix "
+                    "cache on vs off, instead of the burst")
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--reply-tokens", type=int, default=48)
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    if args.conversation:
+        return run_conversation(args)
     if not 1 <= args.requests <= 512:
         ap.error("--requests must be in [1, 512]")
     if not 1 <= args.min_tokens <= args.max_tokens:

@@ -162,3 +162,56 @@ def test_stop_strings_cancellation_scoring_and_sliding_share_the_worker(model, b
         model.generate(["ab"], max_new_tokens=150, temperature=0.8, seed=[9])[0])
     assert scored and scored[0][0] == "scored"
     assert len(cancelled.job.ids) < 60 and not cancelled.done.is_set()
+
+
+def converse(model, batcher, turns: list, max_tokens: int = 12) -> list[Request]:
+    """A chat-like conversation: each prompt is the last prompt, its reply's tokens and the next message
+    (text, or token ids)."""
+    done: list[Request] = []
+    ids: list[int] = []
+    for message in turns:
+        r = Request("", model, max_tokens)
+        message_ids = message if isinstance(message, list) else model.tokenizer.encode(message)
+        r.prompt_ids = r.job.prompt_ids = ids + message_ids
+        batcher.submit([r.job])
+        wait([r])
+        ids = r.prompt_ids + r.job.ids
+        done.append(r)
+    return done
+
+
+TURNS = ["Hello there. ", "And then? ", "Tell me more, please. ", "Why? "]
+
+
+def run_batcher(model, cache_mb: float, work):
+    """work(batcher) on a fresh, started batcher with that prefix cache budget; returns (result, stats)."""
+    b = Batcher(model, max_batch=4, chunk=CHUNK, prefix_cache_mb=cache_mb)
+    b.start()
+    try:
+        return work(b), b.stats
+    finally:
+        b.close()
+
+
+def test_a_conversation_reuses_its_cache_and_gives_the_same_tokens(model):
+    plain, plain_stats = run_batcher(model, 0, lambda b: converse(model, b, TURNS))
+    reused, stats = run_batcher(model, 1, lambda b: converse(model, b, TURNS))
+    assert [r.job.ids for r in reused] == [r.job.ids for r in plain]
+    assert "prefix_cache_hits" not in plain_stats
+    assert stats["prefix_cache_hits"] == len(TURNS) - 1
+    assert stats["prefix_cache_tokens_reused"] == sum(len(t.prompt_ids) + len(t.job.ids) for t in reused[:-1])
+
+
+def test_an_evicted_conversation_is_prefilled_again(model):
+    one_row = 2 * 2 * 64 * 64 * 4  # k and v, 2 layers, 64 positions x 64 wide, float32: one kept turn
+
+    def work(b):
+        first = converse(model, b, ["A long enough first message, alpha. "], max_tokens=8)[0]
+        converse(model, b, ["Zebras: another conversation, quite different. "], max_tokens=8)  # evicts the first
+        next_turn = first.prompt_ids + first.job.ids + model.tokenizer.encode("Go on. ")
+        return converse(model, b, [next_turn], max_tokens=8)[0]
+
+    again, stats = run_batcher(model, 1.5 * one_row / 2**20, work)
+    assert stats["prefix_cache_evictions"] >= 1 and stats["prefix_cache_hits"] == 0
+    plain, _ = run_batcher(model, 0, lambda b: converse(model, b, [again.prompt_ids], max_tokens=8)[0])
+    assert again.job.ids == plain.job.ids

@@ -46,6 +46,7 @@ log = logging.getLogger("jaxgpt.serve")
 # ("scored", TokenLogprobs) for a ScoreJob, ("error", http_status, message).
 Emit = Callable[[tuple], None]
 BATCHING = ("continuous", "dynamic")
+PREFIX_CACHE_MB = 256.0  # finished rows' caches kept for prompts that extend them (chat turns)
 
 
 @dataclass(eq=False)
@@ -114,10 +115,11 @@ class ScoreJob:
 class Batcher:
     """Queue + worker thread. `submit` is thread-safe; `close` cancels what has not run and stops the worker.
     `model` is a LanguageModel, an ExportedModel or an engine (jaxgpt.serve.engines); `batching` is
-    'continuous' or 'dynamic'."""
+    'continuous' or 'dynamic'; `prefix_cache_mb` > 0 keeps finished rows' caches for prompts that extend
+    them (continuous only: jaxgpt.serve.prefix_cache)."""
 
     def __init__(self, model, max_batch: int = 8, max_wait_ms: float = 5.0, chunk: int = 8, max_queue: int = 1024,
-                 batching: str = "continuous"):
+                 batching: str = "continuous", prefix_cache_mb: float = PREFIX_CACHE_MB):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}; got '{batching}'")
         self.engine = as_engine(model)
@@ -125,6 +127,7 @@ class Batcher:
         max_batch = min(max_batch, self.engine.max_rows or max_batch)  # an export with fixed batch sizes
         self.max_batch, self.max_wait, self.chunk = max_batch, max_wait_ms / 1000, chunk
         self.max_queue = max_queue
+        self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = self._abort = False
@@ -234,7 +237,7 @@ class Batcher:
 
     def _loop_continuous(self) -> None:
         """Decode chunks over fixed slots; between chunks finished rows leave and waiting jobs are prefilled in."""
-        slots = self.engine.slots(self.max_batch, self.chunk)
+        slots = self.engine.slots(self.max_batch, self.chunk, self.prefix_cache_bytes)
         live: dict[int, Job] = {}  # slot -> its job
         while (taken := self._take(slots, live)) is not None:
             admitted, other = taken
@@ -251,7 +254,8 @@ class Batcher:
                     if not job.finished:
                         job.fail(500, f"generation failed: {type(e).__name__}: {e}")
                 live.clear()
-                slots = self.engine.slots(self.max_batch, self.chunk)  # the failed call may have consumed the cache
+                # The failed call may have consumed the donated cache: start from fresh slots.
+                slots = self.engine.slots(self.max_batch, self.chunk, self.prefix_cache_bytes)
         for job in live.values():
             if not job.finished:
                 job.fail(503, "the server shut down while this request was running")
@@ -292,13 +296,18 @@ class Batcher:
         new, ended = slots.step()
         self.metrics.generated(sum(len(new[s]) for s in live))
         for slot, job in list(live.items()):
-            if not (job.cancelled or job.finished):
-                job.feed(new[slot], ended[slot], self.engine.tokenizer.decode)
-            if job.cancelled or job.finished:
+            if job.cancelled or job.finished:  # the client went away: nothing worth keeping
                 job.finished = True
                 slots.release(slot)
                 del live[slot]
+                continue
+            job.feed(new[slot], ended[slot], self.engine.tokenizer.decode)
+            if job.finished:  # its cache holds prompt + every token it produced: a next turn can reuse it
+                slots.release(slot, job.prompt_ids + job.ids)
+                del live[slot]
         self.running = len(live)
+        if slots.prefix is not None:
+            self.stats.update(slots.prefix.stats)
 
     def _score(self, jobs: list[ScoreJob]) -> None:
         self.stats["batches"] += 1

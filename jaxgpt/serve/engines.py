@@ -8,7 +8,7 @@ call takes; None: any) and
                                          a generator of each row's new ids every `chunk` tokens; a row that
                                          gave fewer ids than the longest row has ended (end-of-text)
     score(rows, top_n, batch_size)       jaxgpt.scoring.TokenLogprobs per row, only where `can_score`
-    slots(n, chunk)                      n decode slots for continuous batching (jaxgpt.serve.slots), only
+    slots(n, chunk, prefix_cache_bytes) n decode slots for continuous batching (jaxgpt.serve.slots), only
                                          where `can_slot`
 
 The live engine imports jaxgpt.generate, jaxgpt.scoring and jaxgpt.serve.slots when it first runs, so a
@@ -49,11 +49,11 @@ class LiveEngine:
         return stream_ids(self.model.params, self.model.cfg.model, prompts, n, eos_id=self.tokenizer.eos_id,
                           n_vocab=self.tokenizer.vocab_size, sampling=sampling, seed=seeds, chunk=chunk)
 
-    def slots(self, n_slots: int, chunk: int):
+    def slots(self, n_slots: int, chunk: int, prefix_cache_bytes: int = 0):
         from jaxgpt.serve.slots import Slots
 
         return Slots(self.model.params, self.model.cfg.model, n_slots, chunk, self.tokenizer.eos_id,
-                     self.tokenizer.vocab_size)
+                     self.tokenizer.vocab_size, prefix_cache_bytes)
 
     def score(self, rows: list[list[int]], top_n: int, batch_size: int) -> list:
         from jaxgpt.scoring import token_logprobs

@@ -11,7 +11,12 @@ cache position (positions, causal mask and cache writes are per row) with no cha
 Sampling settings are per-row arrays (temperature, top-k, top-p, repetition penalty, min_new_tokens), so
 requests with different settings share the slots; a row's random key is key(seed) folded with its token
 count, as in jaxgpt.generate, so a row's tokens do not depend on its slot-mates (nor on which slot it got).
-Compiled shapes: one decode chunk, and one prefill per prompt bucket.
+With a prefix cache (jaxgpt.serve.prefix_cache), a finished row's cache is kept under its token ids,
+and a prompt whose first half or more is kept tokens (a chat's next turn) copies their keys/values into its
+slot and prefills only the rest.
+
+Compiled shapes: one decode chunk, one prefill per prompt bucket; with a prefix cache also one read per
+kept-length bucket and one resumed prefill per (kept-length bucket, rest-of-prompt bucket).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.generate import adjust_logits, check_sampling, filter_logits, forward_cached, presence
 from jaxgpt.model import init_cache
 from jaxgpt.sampling import SamplingParams, prompt_bucket
+from jaxgpt.serve.prefix_cache import PrefixCache
 
 
 class SlotState(NamedTuple):
@@ -93,6 +99,33 @@ def prefiller(cfg: ModelConfig):
 
 
 @functools.lru_cache(maxsize=16)
+def resumer(cfg: ModelConfig):
+    """Jitted (params, state, slot, kv row, start, rest_1xT right-padded, length, seen_V, n_vocab) -> state:
+    the kept keys/values in `slot`'s positions 0.., then the rest of the prompt prefilled from `start`."""
+
+    def resume(params, state: SlotState, slot, kv, start, rest_1xT, length, seen_V, n_vocab):
+        def read_row(big):
+            return jax.lax.dynamic_slice(big, (slot, 0, 0, 0), (1, *big.shape[1:]))
+
+        row = jax.tree.map(lambda big, kept: jax.lax.dynamic_update_slice(read_row(big), kept[None], (0, 0, 0, 0)),
+                           state.cache, kv)
+        logits_1xTxV, row = forward_cached(cfg, params, rest_1xT, row, start, None, n_vocab)
+        cache = jax.tree.map(lambda big, r: jax.lax.dynamic_update_slice(big, r, (slot, 0, 0, 0)), state.cache, row)
+        return SlotState(cache, state.logits_BxV.at[slot].set(logits_1xTxV[0, length - 1]),
+                         state.seen_BxV.at[slot].set(seen_V), state.pos_B.at[slot].set(start + length),
+                         state.i_B.at[slot].set(0), state.done_B.at[slot].set(False))
+
+    return jax.jit(resume, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=64)
+def row_reader(cfg: ModelConfig, length: int):
+    """Jitted (cache, slot) -> a copy of that slot's first `length` positions (to keep in a PrefixCache)."""
+    return jax.jit(lambda cache, slot: jax.tree.map(
+        lambda a: jax.lax.dynamic_slice(a, (slot, 0, 0, 0), (1, length, *a.shape[2:]))[0], cache))
+
+
+@functools.lru_cache(maxsize=16)
 def stepper(cfg: ModelConfig, chunk: int):
     """Jitted (params, state, sampling Bx1 fields, seed_B, limit_B, eos_id, n_vocab) -> (state, tokens BxC).
 
@@ -134,8 +167,10 @@ def stepper(cfg: ModelConfig, chunk: int):
 class Slots:
     """B decode slots of one model: `admit` a prompt into a free slot, `step` every live row, `release` a slot."""
 
-    def __init__(self, params, cfg: ModelConfig, n_slots: int, chunk: int, eos_id: int, n_vocab: int):
+    def __init__(self, params, cfg: ModelConfig, n_slots: int, chunk: int, eos_id: int, n_vocab: int,
+                 prefix_cache_bytes: int = 0):
         self.params, self.cfg, self.chunk = params, cfg, chunk
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos_id, self.n_vocab = np.int32(eos_id), np.int32(n_vocab)
         self.state = empty_state(cfg, n_slots)
         self.free = list(range(n_slots))
@@ -153,17 +188,45 @@ class Slots:
         if not self.fits(len(prompt_ids), max_new_tokens):
             raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
                              f"of {self.cfg.block_size} tokens")
-        slot = self.free.pop(0)
-        T = min(prompt_bucket(len(prompt_ids)), self.cfg.block_size)
-        prompt_1xT = np.full((1, T), self.eos_id, np.int32)
-        prompt_1xT[0, :len(prompt_ids)] = prompt_ids
-        self.state = prefiller(self.cfg)(self.params, self.state, np.int32(slot), prompt_1xT,
-                                         np.int32(len(prompt_ids)), self.n_vocab)
+        slot = self.free[0]
+        if not self._resume(slot, prompt_ids):
+            self.state = prefiller(self.cfg)(self.params, self.state, np.int32(slot), self._padded(prompt_ids),
+                                             np.int32(len(prompt_ids)), self.n_vocab)
+        self.free.pop(0)
         self.limit_B[slot], self.seed_B[slot] = max_new_tokens, seed % 2**32
         self.settings_Bx5[slot] = np.asarray(sampling, np.float32)
         return slot
 
-    def release(self, slot: int) -> None:
+    def _padded(self, ids: list[int]) -> np.ndarray:
+        """1xT: ids right-padded to their power-of-two bucket (at most the context)."""
+        ids_1xT = np.full((1, min(prompt_bucket(len(ids)), self.cfg.block_size)), self.eos_id, np.int32)
+        ids_1xT[0, :len(ids)] = ids
+        return ids_1xT
+
+    def _resume(self, slot: int, prompt_ids: list[int]) -> bool:
+        """Prefill from the prefix cache's longest match, if any fits; False: prefill it all."""
+        if self.prefix is None:
+            return False
+        entry, kept = self.prefix.find(prompt_ids)
+        kept = min(kept, len(prompt_ids) - 1)  # the last prompt token always runs: its logits start the reply
+        if entry is None or 2 * kept < len(prompt_ids):  # copying a whole kept row costs more than a short prefill
+            return False
+        rest_1xT = self._padded(prompt_ids[kept:])
+        if kept + rest_1xT.shape[1] > self.cfg.block_size:  # the padded rest would run past the cache
+            return False
+        seen_V = np.zeros(self.cfg.vocab_size, bool)
+        seen_V[prompt_ids] = True
+        self.state = resumer(self.cfg)(self.params, self.state, np.int32(slot), entry.kv, np.int32(kept), rest_1xT,
+                                       np.int32(len(prompt_ids) - kept), seen_V, self.n_vocab)
+        self.prefix.stats["prefix_cache_hits"] += 1
+        self.prefix.stats["prefix_cache_tokens_reused"] += kept
+        return True
+
+    def release(self, slot: int, ids: list[int] | None = None) -> None:
+        """Free the slot; `ids` (the row's prompt + every token it produced) keeps its cache in the prefix cache."""
+        if ids and self.prefix is not None:
+            length = min(prompt_bucket(len(ids)), self.cfg.block_size)
+            self.prefix.put(ids, row_reader(self.cfg, length)(self.state.cache, np.int32(slot)))
         self.limit_B[slot] = 0
         self.free.append(slot)
 
