@@ -21,6 +21,11 @@ class Entry(NamedTuple):
     kv: Any  # one cache row: {"h_i": {"k": ExHxK, "v": ExHxK}}, E >= len(ids) (a power-of-two bucket)
     nbytes: int
 
+    @property
+    def length(self) -> int:
+        """E: the cache slots `kv` holds."""
+        return jax.tree.leaves(self.kv)[0].shape[0]
+
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """How many leading tokens a and b share."""
