@@ -1,7 +1,8 @@
 """Continuous batching (jaxgpt.serve.slots through the Batcher): requests join and leave the running decode.
 
 The model is a tiny random one (weights scaled up so its tokens vary), driven through the Batcher directly:
-each request's tokens are checked against jaxgpt.generate run on that request alone.
+each request's tokens are checked against jaxgpt.generate run on that request alone. A conversation's turns
+reuse the cache of the turn before (the prefix cache) and give the tokens they give without it.
 """
 
 from __future__ import annotations

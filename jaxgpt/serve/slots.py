@@ -182,11 +182,11 @@ def stepper(cfg: ModelConfig, chunk: int, window: int):
                            st.cur + 1)
             return k + 1, st, out_BxC
 
-        def slots(a):
+        def in_window(a):
             return jax.lax.dynamic_slice(a, (0, lo, 0, 0), (B, window, *a.shape[2:]))
 
         out_BxC = jnp.full((B, chunk), -1, jnp.int32)
-        windowed = state._replace(cache=jax.tree.map(slots, state.cache))
+        windowed = state._replace(cache=jax.tree.map(in_window, state.cache))
         _, windowed, out_BxC = jax.lax.while_loop(cond, body, (jnp.int32(0), windowed, out_BxC))
         cache = jax.tree.map(lambda a, w: jax.lax.dynamic_update_slice(a, w, (0, lo, 0, 0)), state.cache,
                              windowed.cache)
