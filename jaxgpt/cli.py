@@ -79,7 +79,11 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization (run dirs only; "
                      "export with --quantize int8 instead)")
     srv.add_argument("--max-batch", type=int, default=8, help="requests decoded together on the device")
-    srv.add_argument("--no-batching", action="store_true", help="serve one request at a time (a baseline)")
+    srv.add_argument("--batching", choices=("continuous", "dynamic", "off"), default="continuous",
+                     help="continuous: requests join and leave the running decode between chunks (run dirs; an "
+                     "export batches dynamically); dynamic: a batch runs to its end; off: one request at a time")
+    srv.add_argument("--prefix-cache-mb", type=float, help="memory for finished requests' KV caches, reused by "
+                     "prompts that extend them (a chat's next turn); 0 turns it off (default 256; continuous only)")
     srv.add_argument("--model-name", help="the model id clients send (default: the run dir's name)")
     srv.add_argument("--stream-chunk", type=int, default=8, help="tokens per decode chunk (stream granularity)")
 
@@ -257,13 +261,16 @@ def _serve(args) -> None:
 
     if args.max_batch < 1 or args.stream_chunk < 1:
         raise JaxgptError("--max-batch and --stream-chunk must be positive")
+    if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
+        raise JaxgptError(f"--prefix-cache-mb must be >= 0 (0 turns the cache off), got {args.prefix_cache_mb}")
     if args.exported and (args.checkpoint or args.quantize):
         raise JaxgptError("--checkpoint and --quantize apply to --run-dir; an export holds one checkpoint (export "
                           "it with --quantize int8 for int8 weights)")
     from jaxgpt.serve import serve
 
     serve(args.run_dir, args.host, args.port, args.checkpoint or "best", args.quantize, args.max_batch,
-          not args.no_batching, args.model_name, chunk=args.stream_chunk, exported=args.exported)
+          args.batching, args.model_name, chunk=args.stream_chunk, exported=args.exported,
+          prefix_cache_mb=args.prefix_cache_mb)
 
 
 def _export(args) -> None:

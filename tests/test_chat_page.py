@@ -33,12 +33,18 @@ REPLY = f"({LAST}?.firstChild?.data ?? '')"
 
 
 class SlowEngine(LiveEngine):
-    """50 ms per chunk: a stream lasts long enough to see it grow and to stop it."""
+    """50 ms per chunk (continuous and dynamic batching): a stream lasts long enough to see it grow and to stop it."""
 
     def stream(self, *args, **kwargs):
         for piece in super().stream(*args, **kwargs):
             time.sleep(0.05)
             yield piece
+
+    def slots(self, *args, **kwargs):
+        slots = super().slots(*args, **kwargs)
+        step = slots.step
+        slots.step = lambda: time.sleep(0.05) or step()
+        return slots
 
 
 @pytest.fixture(scope="module")

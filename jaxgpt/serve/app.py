@@ -43,7 +43,7 @@ from jaxgpt.errors import JaxgptError
 from jaxgpt.sampling import SamplingParams
 from jaxgpt.serve import logprobs as logprobs_lib
 from jaxgpt.serve import protocol
-from jaxgpt.serve.batcher import Batcher, Job, ScoreJob
+from jaxgpt.serve.batcher import PREFIX_CACHE_MB, Batcher, Job, ScoreJob
 from jaxgpt.serve.metrics import CONTENT_TYPE, MetricsMiddleware
 from jaxgpt.serve.protocol import ApiError, Limits
 
@@ -60,10 +60,12 @@ class Serving:
 
 
 def create_app(model, name: str = "jaxgpt", max_batch: int = 8, max_wait_ms: float = 5.0, chunk: int = 8,
-               limits: Limits | None = None) -> Starlette:
+               limits: Limits | None = None, batching: str = "continuous",
+               prefix_cache_mb: float = PREFIX_CACHE_MB) -> Starlette:
     """The ASGI app serving `model` (a LanguageModel or an ExportedModel); max_batch=1 serves one request
-    at a time."""
-    batcher = Batcher(model, max_batch, max_wait_ms, chunk)
+    at a time; `batching` is 'continuous' or 'dynamic', `prefix_cache_mb` the budget for reused
+    conversation caches (0: off) (jaxgpt.serve.batcher)."""
+    batcher = Batcher(model, max_batch, max_wait_ms, chunk, batching=batching, prefix_cache_mb=prefix_cache_mb)
     block = batcher.engine.block_size
     # Generation slides past the context (jaxgpt.generate), so max_tokens may exceed it.
     limits = limits or Limits(max_prompt_tokens=block - 1, max_new_tokens=max(4096, block))
@@ -423,10 +425,11 @@ async def _tokenizer_info(request: HttpRequest):
 
 
 def serve(run_dir: str | None, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "best",
-          quantize: str | None = None, max_batch: int = 8, batching: bool = True, name: str | None = None,
+          quantize: str | None = None, max_batch: int = 8, batching: str = "continuous", name: str | None = None,
           max_wait_ms: float = 5.0, chunk: int = 8, graceful_s: int = 30, log_level: str = "info",
-          exported: str | None = None) -> None:
-    """Load a run dir (or, with `exported`, an exported artifact instead) and serve it until SIGTERM/SIGINT."""
+          exported: str | None = None, prefix_cache_mb: float | None = None) -> None:
+    """Load a run dir (or, with `exported`, an exported artifact instead) and serve it until SIGTERM/SIGINT.
+    `batching`: 'continuous', 'dynamic' or 'off' (one request at a time); `prefix_cache_mb` None: the default."""
     import signal
     import sys
     from pathlib import Path
@@ -445,8 +448,12 @@ def serve(run_dir: str | None, host: str = "127.0.0.1", port: int = 8000, checkp
 
         model = load(run_dir, checkpoint, quantize=quantize)  # refuses a classifier run dir before binding the port
     name = name or Path(source).resolve().name
-    app = create_app(model, name, max_batch if batching else 1, max_wait_ms, chunk)
-    log.warning("serving %s (%s) on http://%s:%d/v1, chat page at http://%s:%d/ (max_batch %d)", name, source,
-                host, port, host, port, max_batch if batching else 1)
+    max_batch = 1 if batching == "off" else max_batch
+    batching = "dynamic" if batching == "off" else batching
+    app = create_app(model, name, max_batch, max_wait_ms, chunk, batching=batching,
+                     prefix_cache_mb=PREFIX_CACHE_MB if prefix_cache_mb is None else prefix_cache_mb)
+    mode = "continuous" if app.state.serving.batcher.continuous else "dynamic"
+    log.warning("serving %s (%s) on http://%s:%d/v1, chat page at http://%s:%d/ (max_batch %d, %s batching)", name,
+                source, host, port, host, port, max_batch, mode)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=graceful_s)).run()

@@ -1,21 +1,25 @@
-"""Dynamic batching: requests from many HTTP handlers share one batched decode on the device.
+"""Batching: requests from many HTTP handlers share the device through one worker thread that owns the model.
 
-One worker thread owns the model. It takes the oldest waiting job, waits up to `max_wait_ms` for more to
-arrive, and runs up to `max_batch` jobs that share sampling settings (temperature, top-k, top-p and the
-repetition penalty are one traced value per batch in jaxgpt.generate) as one batch: prompts left-padded
-into one bucket, one seed per row (a row's tokens do not depend on its batch-mates), the batch padded to a
+Continuous batching (the default for a live model): the decode runs in jitted chunks of `chunk` tokens
+over `max_batch` fixed slots (jaxgpt.serve.slots). Between chunks, rows that finished (end-of-text, a stop
+string, their max_tokens, a client that went away) leave, and waiting requests are prefilled into the free
+slots, each at its own position; so no request waits for another to end. Sampling settings are per row, so
+any requests share the slots, and one seed per row keeps a row's tokens independent of its slot-mates.
+
+Dynamic batching (`batching="dynamic"`, and always for an exported artifact, whose programs take one
+position for the whole batch): the worker takes the oldest waiting job, waits up to `max_wait_ms` for
+more, and runs up to `max_batch` jobs that share sampling settings (one traced value per batch in
+jaxgpt.generate) as one batch: prompts left-padded into one bucket, one seed per row, the batch padded to a
 power of two rows and max_new_tokens rounded up to a power of two (at least 16), so few shapes ever
-compile. Each row finishes on its own (end-of-text, a stop string, its own max_tokens, a client that
-went away); the batch stops as soon as every row has. This is dynamic, not continuous, batching: a job
-that arrives while a batch runs waits for that batch to end.
+compile. A job that arrives while a batch runs waits for that batch to end. In continuous mode the same
+path runs, between two chunks, what does not fit a slot: generation past the context (its window slides)
+runs alone.
 
 The batcher drives an engine (jaxgpt.serve.engines): a live model or an exported artifact.
 
-Streaming granularity: the decode runs in chunks of `chunk` tokens (a live model: jitted chunks of
-`jaxgpt.generate.stream_ids`, the KV cache staying on the device between them; an exported artifact: one
-program call per chunk) and text goes out after each chunk, so a stream gets its tokens in groups of up
-to `chunk`. Text that ends in half a UTF-8 character or in what may be the start
-of a stop string is held back until the next chunk decides it.
+Streaming granularity: text goes out after each chunk, so a stream gets its tokens in groups of up to
+`chunk`. Text that ends in half a UTF-8 character or in what may be the start of a stop string is held
+back until the next chunk decides it (jaxgpt.textstream).
 
 Scoring (`ScoreJob`: log-probabilities of given tokens, for `logprobs`/`echo`) runs through the same
 queue: waiting score jobs, up to `max_batch` rows, share one forward pass (jaxgpt.scoring; live models only).
@@ -41,6 +45,8 @@ log = logging.getLogger("jaxgpt.serve")
 # Events a job sends back (from the worker thread): ("text", piece), ("done", finish_reason, n_tokens),
 # ("scored", TokenLogprobs) for a ScoreJob, ("error", http_status, message).
 Emit = Callable[[tuple], None]
+BATCHING = ("continuous", "dynamic")
+PREFIX_CACHE_MB = 256.0  # finished rows' caches kept for prompts that extend them (chat turns)
 
 
 @dataclass(eq=False)
@@ -108,13 +114,20 @@ class ScoreJob:
 
 class Batcher:
     """Queue + worker thread. `submit` is thread-safe; `close` cancels what has not run and stops the worker.
-    `model` is a LanguageModel, an ExportedModel or an engine (jaxgpt.serve.engines)."""
+    `model` is a LanguageModel, an ExportedModel or an engine (jaxgpt.serve.engines); `batching` is
+    'continuous' or 'dynamic'; `prefix_cache_mb` > 0 keeps finished rows' caches for prompts that extend
+    them (continuous only: jaxgpt.serve.prefix_cache)."""
 
-    def __init__(self, model, max_batch: int = 8, max_wait_ms: float = 5.0, chunk: int = 8, max_queue: int = 1024):
+    def __init__(self, model, max_batch: int = 8, max_wait_ms: float = 5.0, chunk: int = 8, max_queue: int = 1024,
+                 batching: str = "continuous", prefix_cache_mb: float = PREFIX_CACHE_MB):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}; got '{batching}'")
         self.engine = as_engine(model)
+        self.continuous = batching == "continuous" and self.engine.can_slot  # exported artifacts batch dynamically
         max_batch = min(max_batch, self.engine.max_rows or max_batch)  # an export with fixed batch sizes
         self.max_batch, self.max_wait, self.chunk = max_batch, max_wait_ms / 1000, chunk
         self.max_queue = max_queue
+        self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
         self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = self._abort = False
@@ -197,25 +210,104 @@ class Batcher:
         return batch
 
     def _loop(self) -> None:
+        if self.continuous:
+            return self._loop_continuous()
         while (batch := self._next_batch()) is not None:
-            if not batch:
-                continue
-            scoring = isinstance(batch[0], ScoreJob)
-            now = time.monotonic()
-            self.metrics.batch("score" if scoring else "generate", len(batch),
-                               sum(len(j.ids if scoring else j.prompt_ids) for j in batch),
-                               [now - j.queued_at for j in batch])
-            self.running = len(batch)
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list) -> None:
+        """One dynamic batch (or score batch) from start to end; a failure fails its requests, not the server."""
+        scoring = isinstance(batch[0], ScoreJob)
+        now = time.monotonic()
+        self.metrics.batch("score" if scoring else "generate", len(batch),
+                           sum(len(j.ids if scoring else j.prompt_ids) for j in batch),
+                           [now - j.queued_at for j in batch])
+        self.running = len(batch)
+        try:
+            self._score(batch) if scoring else self._run(batch)
+        except Exception as e:
+            log.exception("batch of %d failed", len(batch))
+            for job in batch:
+                if not job.finished:
+                    job.fail(500, f"{'scoring' if scoring else 'generation'} failed: {type(e).__name__}: {e}")
+        finally:
+            self.running = 0
+            self.metrics.generated(sum(len(j.ids) for j in batch if not scoring))
+
+    def _loop_continuous(self) -> None:
+        """Decode chunks over fixed slots; between chunks finished rows leave and waiting jobs are prefilled in."""
+        slots = self.engine.slots(self.max_batch, self.chunk, self.prefix_cache_bytes)
+        live: dict[int, Job] = {}  # slot -> its job
+        while (taken := self._take(slots, live)) is not None:
+            admitted, other = taken
+            if other:  # scoring, or a generation whose window slides: the dynamic path, between two chunks
+                self._run_batch(other)
             try:
-                self._score(batch) if scoring else self._run(batch)
-            except Exception as e:  # a failed batch fails its requests, not the server
-                log.exception("batch of %d failed", len(batch))
-                for job in batch:
+                for job in admitted:
+                    live[slots.admit(job.prompt_ids, job.max_new_tokens, job.sampling, job.seed)] = job
+                if live:
+                    self._chunk(slots, live, admitted)
+            except Exception as e:  # a failed call fails the rows it held, not the server
+                log.exception("continuous decode of %d rows failed", len(live))
+                for job in [*live.values(), *admitted]:
                     if not job.finished:
-                        job.fail(500, f"{'scoring' if scoring else 'generation'} failed: {type(e).__name__}: {e}")
-            finally:
-                self.running = 0
-                self.metrics.generated(sum(len(j.ids) for j in batch if not scoring))
+                        job.fail(500, f"generation failed: {type(e).__name__}: {e}")
+                live.clear()
+                # The failed call may have consumed the donated cache: start from fresh slots.
+                slots = self.engine.slots(self.max_batch, self.chunk, self.prefix_cache_bytes)
+        for job in live.values():
+            if not job.finished:
+                job.fail(503, "the server shut down while this request was running")
+        self.running = 0
+
+    def _take(self, slots, live: dict[int, Job]) -> tuple[list[Job], list] | None:
+        """(jobs to prefill into free slots, one batch for the dynamic path or []); None once closed."""
+        with self._cv:
+            while not self._pending and not live and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            admitted, other, waiting = [], [], collections.deque()
+            for job in self._pending:
+                if job.cancelled:
+                    continue
+                if isinstance(job, Job) and slots.fits(len(job.prompt_ids), job.max_new_tokens):
+                    if len(admitted) < len(slots.free):
+                        admitted.append(job)
+                        continue
+                elif not other or (isinstance(job, ScoreJob) and isinstance(other[0], ScoreJob)
+                                   and len(other) < self.max_batch):
+                    other.append(job)
+                    continue
+                waiting.append(job)
+            self._pending = waiting
+        return admitted, other
+
+    def _chunk(self, slots, live: dict[int, Job], admitted: list[Job]) -> None:
+        """One decode chunk over every slot; each row's tokens go to its job; finished rows free their slot."""
+        now = time.monotonic()
+        self.metrics.batch("generate", len(live), sum(len(j.prompt_ids) for j in admitted),
+                           [now - j.queued_at for j in admitted])
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(admitted)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
+        self.running = len(live)
+        new, ended = slots.step()
+        self.metrics.generated(sum(len(new[s]) for s in live))
+        for slot, job in list(live.items()):
+            if job.cancelled or job.finished:  # the client went away: nothing worth keeping
+                job.finished = True
+                slots.release(slot)
+                del live[slot]
+                continue
+            job.feed(new[slot], ended[slot], self.engine.tokenizer.decode)
+            if job.finished:  # its cache holds prompt + every token it produced: a next turn can reuse it
+                slots.release(slot, job.prompt_ids + job.ids)
+                del live[slot]
+        self.running = len(live)
+        if slots.prefix is not None:
+            self.stats.update(slots.prefix.stats)
 
     def _score(self, jobs: list[ScoreJob]) -> None:
         self.stats["batches"] += 1

@@ -8,9 +8,11 @@ call takes; None: any) and
                                          a generator of each row's new ids every `chunk` tokens; a row that
                                          gave fewer ids than the longest row has ended (end-of-text)
     score(rows, top_n, batch_size)       jaxgpt.score_rows.TokenLogprobs per row, only where `can_score`
+    slots(n, chunk, prefix_cache_bytes) n decode slots for continuous batching (jaxgpt.serve.slots), only
+                                         where `can_slot`
 
-The live engine imports jaxgpt.generate and jaxgpt.scoring when it first runs, so a server of an exported
-artifact never loads them (nor Flax).
+The live engine imports jaxgpt.generate, jaxgpt.scoring and jaxgpt.serve.slots when it first runs, so a
+server of an exported artifact never loads them (nor Flax).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from jaxgpt.sampling import SamplingParams, prompt_bucket
 class LiveEngine:
     """A `jaxgpt.LanguageModel`: generation and scoring."""
 
-    can_score = True
+    can_score = can_slot = True
     max_rows = None
 
     def __init__(self, model):
@@ -47,6 +49,12 @@ class LiveEngine:
         return stream_ids(self.model.params, self.model.cfg.model, prompts, n, eos_id=self.tokenizer.eos_id,
                           n_vocab=self.tokenizer.vocab_size, sampling=sampling, seed=seeds, chunk=chunk)
 
+    def slots(self, n_slots: int, chunk: int, prefix_cache_bytes: int = 0):
+        from jaxgpt.serve.slots import Slots
+
+        return Slots(self.model.params, self.model.cfg.model, n_slots, chunk, self.tokenizer.eos_id,
+                     self.tokenizer.vocab_size, prefix_cache_bytes)
+
     def score(self, rows: list[list[int]], top_n: int, batch_size: int) -> list:
         from jaxgpt.scoring import token_logprobs
 
@@ -55,7 +63,10 @@ class LiveEngine:
 
 
 class ExportedEngine:
-    """A `jaxgpt.exported.ExportedModel`: generation, and scoring where the artifact holds scoring programs."""
+    """A `jaxgpt.exported.ExportedModel`: generation, and scoring where the artifact holds scoring programs;
+    batched dynamically (its programs decode every row at one position)."""
+
+    can_slot = False
 
     def __init__(self, model: ExportedModel):
         self.model = model

@@ -1,7 +1,8 @@
 """`GET /metrics` in Prometheus' text format (version 0.0.4), written by hand: counters, gauges, histograms.
 
 Recorded by the HTTP middleware (requests by route and status, latency until the last byte, streams
-included) and by the batcher (tokens, queue wait, rows per batch and their occupancy of max_batch);
+included) and by the batcher (tokens, queue wait, rows per batch and their occupancy of max_batch; with
+continuous batching a batch is one decode chunk and a row's wait ends at its prefill);
 gauges (queue length, rows running) are read when scraped. Every update takes one lock: the batcher's
 thread and the event loop both write.
 """
@@ -99,7 +100,8 @@ class Metrics:
         self.scored_tokens = Counter("jaxgpt_scored_tokens_total", "Tokens of the rows scored (logprobs, echo).")
         self.queue_wait = Histogram("jaxgpt_queue_wait_seconds", "Time a row waited in the queue before its batch ran.",
                                     LATENCY_BUCKETS)
-        self.batch_rows = Histogram("jaxgpt_batch_rows", "Rows per batch run on the device, by kind.", rows, ("kind",))
+        self.batch_rows = Histogram("jaxgpt_batch_rows", "Rows per batch (continuous: per decode chunk) on the device, "
+                                    "by kind.", rows, ("kind",))
         self.occupancy = Histogram("jaxgpt_batch_occupancy_ratio", "Rows per batch as a fraction of max_batch.",
                                    (0.125, 0.25, 0.5, 0.75, 1.0), ("kind",))
         self.max_batch = max_batch
