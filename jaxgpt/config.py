@@ -56,6 +56,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 16  # global batch, in sequences
     grad_accum: int = 1  # micro-batches per step, inside the jitted step
+    loss_chunk: int = 128  # positions per chunk of the LM-head loss (jaxgpt/cross_entropy.py); 0: all at once
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100

@@ -161,41 +161,62 @@ def prefill(cfg: ModelConfig, params, prompt_BxP, start_B, keys_B, n_vocab, stop
                        keys_B)
 
 
+def running(st: DecodeState, limit) -> jax.Array:
+    """Whether the decode goes on: fewer than `limit` new tokens, a row not done, and room in the cache."""
+    return (st.i < limit) & ~jnp.all(st.done_B) & (st.pos < st.seq_BxL.shape[1])
+
+
+def sample_step(cfg: ModelConfig, st: DecodeState, sampling, eos_id, stop_SxM,
+                ngram: int) -> tuple[DecodeState, jax.Array]:
+    """Pick every row's next token from st.logits_BxV and record it (done rows repeat end-of-text): (state,
+    token_B). The cache and logits are left as they are."""
+    rows_B = jnp.arange(st.seq_BxL.shape[0])
+    logits_BxV = adjust_logits(st.logits_BxV, st.seen_BxV, st.seq_BxL, st.pos, st.i, sampling, eos_id, ngram)
+    step_keys_B = jax.vmap(lambda k: jax.random.fold_in(k, st.i))(st.keys_B)
+    token_B = jnp.where(st.done_B, eos_id, sample_token(logits_BxV, step_keys_B, sampling))
+    seq_BxL = jax.lax.dynamic_update_slice(st.seq_BxL, token_B[:, None], (0, st.pos))
+    seen_BxV = st.seen_BxV.at[rows_B, jnp.where(token_B >= 0, token_B, cfg.vocab_size)].set(True, mode="drop")
+    recent_BxM = jnp.concatenate([st.recent_BxM[:, 1:], token_B[:, None]], axis=1)
+    done_B = st.done_B | (token_B == eos_id) | stop_hit(recent_BxM, stop_SxM)
+    return st._replace(i=st.i + 1, pos=st.pos + 1, seq_BxL=seq_BxL, seen_BxV=seen_BxV, recent_BxM=recent_BxM,
+                       done_B=done_B), token_B
+
+
 def decode_loop(cfg: ModelConfig, params, state: DecodeState, start_B, limit, sampling, eos_id, n_vocab, stop_SxM,
                 ngram: int) -> DecodeState:
-    """Sample until `limit` new tokens in all, every row is done, or the cache is full."""
-    B, L = state.seq_BxL.shape
-    rows_B = jnp.arange(B)
-
-    def cond(st: DecodeState):
-        return (st.i < limit) & ~jnp.all(st.done_B) & (st.pos < L)
+    """Sample until `limit` new tokens in all, every row is done, or the cache is full. Every token is also run
+    through the model, so the returned state's cache and logits continue the text (streaming, chat turns)."""
 
     def body(st: DecodeState):
-        logits_BxV = adjust_logits(st.logits_BxV, st.seen_BxV, st.seq_BxL, st.pos, st.i, sampling, eos_id, ngram)
-        step_keys_B = jax.vmap(lambda k: jax.random.fold_in(k, st.i))(st.keys_B)
-        token_B = jnp.where(st.done_B, eos_id, sample_token(logits_BxV, step_keys_B, sampling))
-        seq_BxL = jax.lax.dynamic_update_slice(st.seq_BxL, token_B[:, None], (0, st.pos))
-        seen_BxV = st.seen_BxV.at[rows_B, jnp.where(token_B >= 0, token_B, cfg.vocab_size)].set(True, mode="drop")
-        recent_BxM = jnp.concatenate([st.recent_BxM[:, 1:], token_B[:, None]], axis=1)
-        done_B = st.done_B | (token_B == eos_id) | stop_hit(recent_BxM, stop_SxM)
+        new, token_B = sample_step(cfg, st, sampling, eos_id, stop_SxM, ngram)
         logits_Bx1xV, cache = forward_cached(cfg, params, token_B[:, None], st.cache, st.pos, start_B, n_vocab)
-        return DecodeState(st.i + 1, st.pos + 1, cache, logits_Bx1xV[:, 0], seq_BxL, seen_BxV, recent_BxM, done_B,
-                           st.keys_B)
+        return new._replace(cache=cache, logits_BxV=logits_Bx1xV[:, 0])
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(lambda st: running(st, limit), body, state)
+
+
+def decode(cfg: ModelConfig, params, prompt_BxP, start_B, keys_B, limit, sampling, eos_id, n_vocab, stop_SxM,
+           max_new_tokens: int, ngram: int) -> tuple[jax.Array, jax.Array]:
+    """Prefill + decode of up to `limit` (<= max_new_tokens) new tokens: (new tokens BxN, done B), N =
+    max_new_tokens. The last token is only sampled: no forward pass computes logits nobody reads."""
+    P = prompt_BxP.shape[1]
+    state = prefill(cfg, params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM, P + max_new_tokens)
+    state = decode_loop(cfg, params, state, start_B, limit - 1, sampling, eos_id, n_vocab, stop_SxM, ngram)
+    last = state._replace(cache=None)  # the final step needs no cache: keep it out of the cond
+    last = jax.lax.cond(running(last, limit), lambda st: sample_step(cfg, st, sampling, eos_id, stop_SxM, ngram)[0],
+                        lambda st: st, last)
+    return last.seq_BxL[:, P:], last.done_B
 
 
 @functools.lru_cache(maxsize=64)
 def _decoder(cfg: ModelConfig, max_new_tokens: int, ngram: int = 0):
-    """Prefill + the whole decode in one jitted function: (new tokens BxN, done B)."""
+    """Jitted `decode` of max_new_tokens: (new tokens BxN, done B)."""
 
-    def decode(params, prompt_BxP, start_B, keys_B, sampling, eos_id, n_vocab, stop_SxM):
-        P = prompt_BxP.shape[1]
-        state = prefill(cfg, params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM, P + max_new_tokens)
-        state = decode_loop(cfg, params, state, start_B, max_new_tokens, sampling, eos_id, n_vocab, stop_SxM, ngram)
-        return state.seq_BxL[:, P:], state.done_B
+    def run(params, prompt_BxP, start_B, keys_B, sampling, eos_id, n_vocab, stop_SxM):
+        return decode(cfg, params, prompt_BxP, start_B, keys_B, max_new_tokens, sampling, eos_id, n_vocab, stop_SxM,
+                      max_new_tokens, ngram)
 
-    return jax.jit(decode)
+    return jax.jit(run)
 
 
 def _get_decoder(cfg: ModelConfig, max_new_tokens: int, ngram: int):

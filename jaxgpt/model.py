@@ -278,9 +278,12 @@ class GPT(nn.Module):
         h_BxTxD = LayerNorm(cfg.bias, dtype, pdtype, name="ln_f")(x_BxTxD)
         if return_hidden:
             return h_BxTxD, new_cache
-        # Tied LM head; logits in float32 so the softmax and loss are.
-        logits_BxTxV = jnp.einsum("btd,vd->btv", h_BxTxD, wte_VxD.astype(dtype), preferred_element_type=jnp.float32)
-        return logits_BxTxV, new_cache
+        return lm_logits(h_BxTxD, wte_VxD), new_cache
+
+
+def lm_logits(h_BxTxD: jax.Array, wte_VxD: jax.Array) -> jax.Array:
+    """The tied LM head: float32 logits (so the softmax and loss are) from hidden states in the compute dtype."""
+    return jnp.einsum("btd,vd->btv", h_BxTxD, wte_VxD.astype(h_BxTxD.dtype), preferred_element_type=jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:

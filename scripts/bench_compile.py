@@ -25,9 +25,10 @@ from jaxgpt.config import PRESETS, MeshConfig, ModelConfig, TrainConfig
 from jaxgpt.train import sharded
 
 
-def compile_step(model_cfg: ModelConfig, batch: int):
+def compile_step(model_cfg: ModelConfig, batch: int, train_cfg: TrainConfig = TrainConfig(steps=10)):
+    """(compile seconds, XLA temp bytes, argument bytes) of the training step."""
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    fns = sharded.build(model_cfg, TrainConfig(steps=10), mesh, jax.random.key(0))
+    fns = sharded.build(model_cfg, train_cfg, mesh, jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((batch, model_cfg.block_size), jnp.int32)
     t0 = time.perf_counter()
     compiled = fns.step.lower(fns.abstract_state, {"x": tokens, "y": tokens}, jax.random.key(0)).compile()

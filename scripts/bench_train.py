@@ -30,6 +30,7 @@ Run:
       --torch --torch-variants bf16,compile-bf16 --parallel-start                    # one NVIDIA GPU
   python scripts/bench_train.py --workload small --xla-flags="--xla_cpu_experimental_ynn_fusion_type="
   python scripts/bench_train.py --workload small --xla-sweep    # alternates several XLA_FLAGS sets
+  python scripts/bench_train.py --workload small --loss-chunk 0,128   # unchunked vs chunked LM-head loss
   python scripts/bench_train.py --workload gpt2-124m --dtype bfloat16 --remat dots_saveable --scan-layers
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_train.py --mesh 2,2,2
 Prints a table, then one line `JSON {...}` with every number (also written to --json-out FILE).
@@ -38,6 +39,7 @@ Prints a table, then one line `JSON {...}` with every number (also written to --
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -153,7 +155,7 @@ def jax_worker(wl: dict, opts: dict, seed: int = 0) -> None:
     cfg = ModelConfig(vocab_size=wl["vocab_size"], block_size=wl["block_size"], n_layer=wl["n_layer"],
                       n_head=wl["n_head"], n_embd=wl["n_embd"], dropout=0.0, dtype=opts["dtype"],
                       remat=opts["remat"], scan_layers=opts["scan_layers"], attention=opts["attention"])
-    tcfg = TrainConfig(steps=10_000, batch_size=wl["batch"], warmup_steps=10)
+    tcfg = TrainConfig(steps=10_000, batch_size=wl["batch"], warmup_steps=10, loss_chunk=opts["loss_chunk"])
     dtype = dtype_of(cfg.dtype)
     K = cfg.n_embd // cfg.n_head
     attention_path = choose(cfg.attention, cfg.block_size, cfg.block_size, K, dtype, has_mask=False)
@@ -197,7 +199,7 @@ def jax_worker(wl: dict, opts: dict, seed: int = 0) -> None:
     run(wl["warmup"])
     _send({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "params": param_count(state["params"]), "flops_per_token": flops_per_token(cfg, T),
-           "dtype": jnp.dtype(dtype).name, "attention_path": attention_path,
+           "dtype": jnp.dtype(dtype).name, "attention_path": attention_path, "loss_chunk": tcfg.loss_chunk,
            "compile_s": compile_s, "first_run_s": first_run_s, "first_step_s": compile_s + first_run_s,
            "rss_after_setup_mib": peak_rss_mib(), "tokens_per_step": B * T})
     serve({"run": lambda a: run(a["steps"]),
@@ -295,17 +297,17 @@ def workload(name: str, batch: int = 0) -> dict:
 
 def worker_specs(args) -> list[tuple[str, str, str | None, list[str]]]:
     """(label, kind, XLA flags, extra worker args) for every worker this run starts."""
-    dtypes, attentions = args.dtype.split(","), args.attention.split(",")
+    dtypes, attentions, chunks = args.dtype.split(","), args.attention.split(","), args.loss_chunk.split(",")
     specs = []
-    for dtype in dtypes:
-        for attention in attentions:
-            label = ":".join(["jaxgpt"] + [dtype] * (len(dtypes) > 1) + [attention] * (len(attentions) > 1))
-            extra = ["--dtype", dtype, "--attention", attention]
-            if args.xla_sweep:
-                specs += [(f"{label}:{flag_label[4:]}" if label != "jaxgpt" else flag_label, "jax",
-                           (args.xla_flags + " " + f).strip(), extra) for flag_label, f in XLA_SWEEP.items()]
-            else:
-                specs.append((label, "jax", args.xla_flags, extra))
+    for dtype, attention, chunk in itertools.product(dtypes, attentions, chunks):
+        label = ":".join(["jaxgpt"] + [dtype] * (len(dtypes) > 1) + [attention] * (len(attentions) > 1)
+                         + [f"chunk{chunk}"] * (len(chunks) > 1))
+        extra = ["--dtype", dtype, "--attention", attention, "--loss-chunk", chunk]
+        if args.xla_sweep:
+            specs += [(f"{label}:{flag_label[4:]}" if label != "jaxgpt" else flag_label, "jax",
+                       (args.xla_flags + " " + f).strip(), extra) for flag_label, f in XLA_SWEEP.items()]
+        else:
+            specs.append((label, "jax", args.xla_flags, extra))
     if args.torch:
         specs += [("torch" if v == "fp32" else f"torch:{v}", "torch", None, ["--torch-variants", v])
                   for v in args.torch_variants.split(",")]
@@ -421,6 +423,8 @@ def print_table(res: dict) -> None:
 
 
 def main() -> None:
+    from jaxgpt.config import TrainConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workload", default="small", choices=[*WORKLOADS, "all"])
     p.add_argument("--steps", type=int, default=0, help="timed steps per round (default: per workload)")
@@ -442,13 +446,15 @@ def main() -> None:
     p.add_argument("--scan-layers", action="store_true")
     p.add_argument("--attention", default="auto",
                    help="jaxgpt attention path(s), comma-separated (jaxgpt/attention.py)")
+    p.add_argument("--loss-chunk", default=str(TrainConfig.loss_chunk),
+                   help="jaxgpt train.loss_chunk value(s), comma-separated (0: unchunked LM-head loss)")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
         wl = workload(args.workload, args.batch)
         opts = {"mesh": args.mesh, "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan_layers,
-                "attention": args.attention}
+                "attention": args.attention, "loss_chunk": int(args.loss_chunk)}
         jax_worker(wl, opts) if args.worker == "jax" else torch_worker(wl, args.threads, args.torch_variants)
         return
     from jaxgpt.attention import ATTENTION

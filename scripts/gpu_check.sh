@@ -13,7 +13,8 @@
 # 32 and 64, with HF PyTorch bf16-autocast eager and torch.compile at batch 32 (scripts/bench_train.py);
 # (2) greedy decode tokens/s at batch 1/8/64 vs HF generate (scripts/bench_generate.py); (3) the Shakespeare
 # demo's wall time and validation loss; (4) tests/test_attention.py (cuDNN == XLA on the GPU) and
-# tests/test_model.py. Output folder: $GPU_CHECK_OUT (default gpu_check_out/): gpu_check.log, JSON per piece.
+# tests/test_model.py and tests/test_cross_entropy.py (chunked loss == full logits). Output folder:
+# $GPU_CHECK_OUT (default gpu_check_out/): gpu_check.log, JSON per piece.
 set -uo pipefail  # no -e: a failed piece is reported in the table, the rest still run
 cd "$(dirname "$0")/.."
 TINY="${GPU_CHECK_TINY:-0}"
@@ -46,7 +47,7 @@ if [[ "$TINY" == 1 ]]; then
 else
   WL=gpt2-124m; B1=32; B2=64; GEN_BATCHES=1,8,64; NEW=256; STEPS=5; ROUNDS=2
   DEMO=()
-  TESTS=(tests/test_attention.py tests/test_model.py)
+  TESTS=(tests/test_attention.py tests/test_model.py tests/test_cross_entropy.py)
   TORCH_VARIANTS="${GPU_CHECK_TORCH_VARIANTS:-bf16,compile-bf16}"
 fi
 TORCH=()

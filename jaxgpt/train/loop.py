@@ -35,6 +35,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise JaxgptError(f"train.batch_size ({cfg.batch_size}) must be divisible by train.grad_accum ({cfg.grad_accum})")
     if not cfg.lr > 0:
         raise JaxgptError(f"train.lr must be positive, got {cfg.lr}")
+    if cfg.loss_chunk < 0:
+        raise JaxgptError(f"train.loss_chunk must be >= 0 (0 computes the loss unchunked), got {cfg.loss_chunk}")
 
 
 class Trainer:

@@ -41,9 +41,10 @@ def build(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, init_rng: 
     batch = {"x": sharding.batch_sharding(mesh), "y": sharding.batch_sharding(mesh)}
     replicated = sharding.replicated(mesh)
     init = jax.jit(lambda rng: nn.unbox(init_state(model, tx, rng)), out_shardings=state_shardings)
-    step = jax.jit(make_pretrain_step(model, tx, schedule(train_cfg), train_cfg.grad_accum),
+    step = jax.jit(make_pretrain_step(model, tx, schedule(train_cfg), train_cfg.grad_accum,
+                                     train_cfg.loss_chunk),
                    in_shardings=(state_shardings, batch, replicated), out_shardings=(state_shardings, replicated),
                    donate_argnums=0)
-    evaluate = jax.jit(make_eval_step(model), in_shardings=(state_shardings["params"], batch),
+    evaluate = jax.jit(make_eval_step(model, train_cfg.loss_chunk), in_shardings=(state_shardings["params"], batch),
                        out_shardings=replicated)
     return ShardedSteps(mesh, state_shardings, abstract_state, init, step, evaluate)

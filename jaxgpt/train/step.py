@@ -11,17 +11,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxgpt.cross_entropy import token_cross_entropy
 from jaxgpt.model import GPT
 
 State = dict[str, Any]
 
 
-def lm_loss(model: GPT, params, x_BxT, y_BxT, dropout_rng=None) -> jax.Array:
-    """Mean next-token cross-entropy (float32)."""
+def lm_loss(model: GPT, params, x_BxT, y_BxT, dropout_rng=None, loss_chunk: int = 0) -> jax.Array:
+    """Mean next-token cross-entropy (float32); `loss_chunk` > 0 computes the logits that many positions at a
+    time (jaxgpt/cross_entropy.py)."""
     deterministic = dropout_rng is None
     rngs = None if deterministic else {"dropout": dropout_rng}
-    logits_BxTxV, _ = model.apply({"params": params}, x_BxT, deterministic=deterministic, rngs=rngs)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, y_BxT).mean()
+    h_BxTxD, _ = model.apply({"params": params}, x_BxT, deterministic=deterministic, rngs=rngs, return_hidden=True)
+    return token_cross_entropy(h_BxTxD, params["wte"], y_BxT, loss_chunk).mean()
 
 
 def init_state(model: GPT, tx: optax.GradientTransformation, rng: jax.Array) -> State:
@@ -32,12 +34,13 @@ def init_state(model: GPT, tx: optax.GradientTransformation, rng: jax.Array) -> 
 
 
 def make_pretrain_step(model: GPT, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
-                       grad_accum: int = 1) -> Callable:
+                       grad_accum: int = 1, loss_chunk: int = 0) -> Callable:
     """pretrain_step(state, batch, rng) -> (state, metrics); micro-batches are accumulated in a scan."""
     use_dropout = model.cfg.dropout > 0
 
     def grads_of(params, x_BxT, y_BxT, rng):
-        return jax.value_and_grad(lambda p: lm_loss(model, p, x_BxT, y_BxT, rng if use_dropout else None))(params)
+        return jax.value_and_grad(lambda p: lm_loss(model, p, x_BxT, y_BxT, rng if use_dropout else None,
+                                                         loss_chunk))(params)
 
     def pretrain_step(state: State, batch: dict[str, jax.Array], rng: jax.Array):
         rng = jax.random.fold_in(rng, state["step"])  # dropout noise is a function of (seed, step)
@@ -69,8 +72,8 @@ def make_pretrain_step(model: GPT, tx: optax.GradientTransformation, lr_schedule
     return pretrain_step
 
 
-def make_eval_step(model: GPT) -> Callable:
+def make_eval_step(model: GPT, loss_chunk: int = 0) -> Callable:
     def eval_step(params, batch: dict[str, jax.Array]) -> jax.Array:
-        return lm_loss(model, params, batch["x"], batch["y"])
+        return lm_loss(model, params, batch["x"], batch["y"], loss_chunk=loss_chunk)
 
     return eval_step
