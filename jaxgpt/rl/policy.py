@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jaxgpt import sharding
 from jaxgpt.config import ModelConfig, TrainConfig
-from jaxgpt.generate import SamplingParams, decode_loop, prefill, stop_array, traced_sampling
+from jaxgpt.generate import SamplingParams, decode, stop_array, traced_sampling
 from jaxgpt.model import GPT
 from jaxgpt.train.optimizer import make_optimizer
 from jaxgpt.train.step import init_state
@@ -56,13 +56,13 @@ def completion_mask(completion_BxN: np.ndarray, eos_id: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _sampler(cfg: ModelConfig, max_new_tokens: int):
-    """Jitted prefill + decode loop returning every slot (prompt and completion), BxL."""
+    """Jitted prefill + decode returning every slot (prompt and completion), BxL."""
 
     def sample(params, prompt_BxP, start_B, keys_B, sampling, eos_id, n_vocab, stop_SxM):
-        P = prompt_BxP.shape[1]
-        state = prefill(cfg, params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM, P + max_new_tokens)
-        state = decode_loop(cfg, params, state, start_B, max_new_tokens, sampling, eos_id, n_vocab, stop_SxM, 0)
-        return state.seq_BxL
+        new_BxN, _ = decode(cfg, params, prompt_BxP, start_B, keys_B, max_new_tokens, sampling, eos_id, n_vocab,
+                            stop_SxM, max_new_tokens, 0)
+        real_BxP = jnp.arange(prompt_BxP.shape[1])[None, :] >= start_B[:, None]
+        return jnp.concatenate([jnp.where(real_BxP, prompt_BxP, -1), new_BxN], axis=1)
 
     return jax.jit(sample)
 
