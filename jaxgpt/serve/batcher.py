@@ -71,8 +71,10 @@ class Job:
         s = self.sampling
         return s._replace(top_k=0, top_p=1.0) if s.temperature == 0 else s
 
-    def feed(self, new_ids: list[int], ended: bool, decode: Callable[[list[int]], str]) -> None:
-        """Add this chunk's tokens; send the text that is now certain; finish if the row is done."""
+    def feed(self, new_ids: list[int], ended: bool, decode: Callable[[list[int]], str],
+             before_done: Callable[[], None] | None = None) -> None:
+        """Add this chunk's tokens; send the text that is now certain; finish if the row is done (calling
+        `before_done` first)."""
         if self.text is None:
             self.text = TextStream(decode, self.stops)
         room = self.max_new_tokens - len(self.ids)
@@ -84,6 +86,8 @@ class Job:
         if piece:
             self.emit(("text", piece))
         if reason:
+            if before_done is not None:
+                before_done()
             self.finish(reason)
 
     def finish(self, reason: str) -> None:
@@ -301,9 +305,11 @@ class Batcher:
                 slots.release(slot)
                 del live[slot]
                 continue
-            job.feed(new[slot], ended[slot], self.engine.tokenizer.decode)
-            if job.finished:  # its cache holds prompt + every token it produced: a next turn can reuse it
-                slots.release(slot, job.prompt_ids + job.ids)
+            # A finished row's cache holds prompt + every token it produced: kept for a next turn before the
+            # client hears `done`, so that copy (and its compile) is not charged to the client's next request.
+            job.feed(new[slot], ended[slot], self.engine.tokenizer.decode,
+                     lambda slot=slot, job=job: slots.release(slot, job.prompt_ids + job.ids))
+            if job.finished:
                 del live[slot]
         self.running = len(live)
         if slots.prefix is not None:
