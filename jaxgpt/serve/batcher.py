@@ -23,6 +23,9 @@ back until the next chunk decides it (jaxgpt.textstream).
 
 Scoring (`ScoreJob`: log-probabilities of given tokens, for `logprobs`/`echo`) runs through the same
 queue: waiting score jobs, up to `max_batch` rows, share one forward pass (jaxgpt.scoring; live models only).
+In continuous mode, while rows decode, scoring runs only once the decode has had as much time as the last
+scoring run took: streamed logprobs then cover several chunks per pass, and decoding keeps at least half
+the worker.
 """
 
 from __future__ import annotations
@@ -138,6 +141,8 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="jaxgpt-batcher", daemon=True)
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
         self.running = 0  # rows in the batch on the device now
+        # Continuous mode: the last scoring run's seconds, and the decode seconds since it (scoring's share).
+        self._score_s = self._decode_s = 0.0
         self.metrics = Metrics(max_batch, lambda: self.pending, lambda: self.running)
 
     def start(self) -> None:
@@ -246,7 +251,10 @@ class Batcher:
         while (taken := self._take(slots, live)) is not None:
             admitted, other = taken
             if other:  # scoring, or a generation whose window slides: the dynamic path, between two chunks
+                began = time.monotonic()
                 self._run_batch(other)
+                if isinstance(other[0], ScoreJob):
+                    self._score_s, self._decode_s = time.monotonic() - began, 0.0
             try:
                 for job in admitted:
                     live[slots.admit(job.prompt_ids, job.max_new_tokens, job.sampling, job.seed)] = job
@@ -273,8 +281,14 @@ class Batcher:
             if self._closed:
                 return None
             admitted, other, waiting = [], [], collections.deque()
+            # While rows decode, scoring waits until they have had as much time as its last run took: a stream's
+            # scoring passes (one in flight per choice, covering every held piece) then cover several chunks.
+            score_due = not live or self._decode_s >= self._score_s
             for job in self._pending:
                 if job.cancelled:
+                    continue
+                if isinstance(job, ScoreJob) and not score_due:
+                    waiting.append(job)
                     continue
                 if isinstance(job, Job) and slots.fits(len(job.prompt_ids), job.max_new_tokens):
                     if len(admitted) < len(slots.free):
@@ -297,7 +311,9 @@ class Batcher:
         self.stats["rows"] += len(admitted)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
         self.running = len(live)
+        began = time.monotonic()
         new, ended = slots.step()
+        self._decode_s += time.monotonic() - began
         self.metrics.generated(sum(len(new[s]) for s in live))
         for slot, job in list(live.items()):
             if job.cancelled or job.finished:  # the client went away: nothing worth keeping
