@@ -102,8 +102,8 @@ def test_greedy_rows_arriving_at_different_times_equal_generate(model, batcher):
         assert r.job.ids == alone(model, r) and len(r.job.ids) == r.job.max_new_tokens
     assert batcher.stats["largest_batch"] == 4  # rows really shared the slots
     assert shifter(model.cfg.model)._cache_size() == 1
-    # Decode windows of 16, 32, 64, 128 or 256 cache slots, over the first 1, 2 or 4 slots.
-    assert stepper.cache_info().currsize <= 5 * 3
+    # Decode windows of 16, 32, 64, 128 or 256 cache slots, over slot 0 alone or all 4 slots.
+    assert stepper.cache_info().currsize <= 5 * 2
     buckets = {prompt_bucket(len(r.prompt_ids)) for r in requests}
     assert prefiller(model.cfg.model)._cache_size() == len(buckets)  # one prefill program per prompt bucket
 

@@ -21,13 +21,14 @@ and a prompt whose first half or more is kept tokens (a chat's next turn) copies
 slot and prefills only the rest, where that rest pads to a smaller bucket than the whole prompt.
 
 A decode chunk attends over a window of the cache, from the earliest live row's first slot to the chunk's
-last write, rounded up to a power of two, and runs only the first R slots, R the power of two that covers
-every taken slot (a request takes the lowest free slot): a step costs what the rows in the slots need, and
-one request alone decodes at batch 1. Idle rows never draw from the vocabulary (a draw per row per token
-costs more than the tiny model's forward).
+last write, rounded up to a power of two: a step costs what the rows in the slots need. A request takes the
+lowest free slot, and a step runs slot 0 alone when no other slot is taken, so one request alone decodes at
+batch 1 (a row count per occupancy would multiply the compiled shapes, each first met under load). Idle
+rows never draw from the vocabulary (a draw per row per token costs more than a tiny model's forward).
 
-Compiled shapes: one decode chunk per (window bucket, row bucket), one shift, one prefill per prompt bucket; with a prefix
-cache also one read per kept-length bucket and one resumed prefill per (kept-length, rest-of-prompt) bucket.
+Compiled shapes: one decode chunk per window bucket at 1 and at B rows, one shift, one prefill per prompt
+bucket; with a prefix cache also one read per kept-length bucket and one resumed prefill per (kept-length,
+rest-of-prompt) bucket. A request repeated at idle slots compiles nothing: it runs the same shapes again.
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ class Slots:
         self.params, self.cfg, self.chunk = params, cfg, chunk
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos_id, self.n_vocab = np.int32(eos_id), np.int32(n_vocab)
-        self.state = empty_state(cfg, n_slots)
+        # Committed to the device, as every later state is (else the first calls compile twice), and shifted by 0
+        # to compile the shift now: the first real one comes under load, when the slots are busy.
+        self.state = shifter(cfg)(jax.device_put(empty_state(cfg, n_slots), jax.devices()[0]), np.int32(0))
         self.cur = cfg.block_size  # host copies of state.cur and state.start_B
         self.start_B = np.full(n_slots, cfg.block_size, np.int64)
         self.free = list(range(n_slots))
@@ -229,14 +232,14 @@ class Slots:
         n, L = len(prompt_ids), self.cfg.block_size
         if not self.fits(n, max_new_tokens):
             raise ValueError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds the context of {L} tokens")
-        slot = min(self.free)  # the lowest free slot: a decode step runs only the slots up to the highest taken
+        slot = min(self.free)  # the lowest free slot: a request alone is in slot 0, which decodes at batch 1
         entry, kept = self._reusable(prompt_ids)
         padded_1xT = self._padded(prompt_ids[kept:])
         # The furthest slot this row writes: its prompt's padding, a kept row's copy, its last token.
         written = max(kept + padded_1xT.shape[1], entry.length if entry else 0, n + max_new_tokens)
         if len(self.free) == len(self.limit_B):  # no row to keep: start again at L, with no shift to run
             self.cur = L
-            self.state = self.state._replace(cur=jnp.int32(L))
+            self.state = self.state._replace(cur=jax.device_put(np.int32(L), self.state.cur.sharding))
         elif self.cur - n + written > 2 * L:  # shift every row left: cur is L again, and everything fits
             self.state = shifter(self.cfg)(self.state, np.int32(self.cur - L))
             self.start_B -= self.cur - L
@@ -288,9 +291,8 @@ class Slots:
     def step(self) -> tuple[list[list[int]], list[bool]]:
         """Up to `chunk` new tokens for every slot, and whether each slot's row produced end-of-text."""
         B = len(self.limit_B)
-        # The rows: the first R slots, R a power of two covering every taken slot (admit fills the lowest).
         taken_B = self.limit_B > 0
-        R = min(1 << int(np.flatnonzero(taken_B).max(initial=0)).bit_length(), B)
+        R = B if taken_B[1:].any() else 1  # slot 0 alone (admit fills the lowest free slot) decodes at batch 1
         s = self.settings_Bx5[:R]
         sampling = SamplingParams(s[:, 0:1], s[:, 1:2].astype(np.int32), s[:, 2:3], s[:, 3:4],
                                   s[:, 4:5].astype(np.int32))
