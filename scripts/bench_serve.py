@@ -10,6 +10,10 @@ event. Reported per mode: requests/s and completion tokens/s (over the wall time
 p50/p99 latency (request sent -> [DONE]) and p50/p99 time to the first text chunk, and ratios against
 the first mode. The burst is bounded by --timeout seconds per mode; the server gets SIGTERM at the end.
 
+`--single N`: instead, one request at a time, N times after two warm-ups (the same prompt, --max-tokens
+tokens, one seed): median latency and time to the first text chunk per mode, and ratios against the first
+mode; what an idle server's only user sees.
+
 `--conversation`: instead, time to first token of each turn of --conversations chat conversations of
 --turns turns (sequential, greedy, --reply-tokens per reply; each turn sends the whole conversation so
 far), with the server's prefix cache on (the default) and off (`--prefix-cache-mb 0`), and the ratio at
@@ -18,6 +22,7 @@ the last turn.
 Run:
   python scripts/bench_serve.py --run-dir runs/shakespeare
   python scripts/bench_serve.py --run-dir runs/shakespeare --conversation
+  python scripts/bench_serve.py --run-dir runs/shakespeare --single 10 --modes continuous,dynamic
   python scripts/bench_serve.py --run-dir runs/shakespeare --modes continuous,dynamic --json-out serve.json
 Prints a table, then one line `JSON {...}` (also written to --json-out FILE).
 """
@@ -210,6 +215,45 @@ def run_mode(args, mode: str, max_tokens: list[int]) -> dict:
     return summary(mode, results, wall, health)
 
 
+async def one_at_a_time(url: str, n: int, max_tokens: int) -> list[dict]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        return [await one_request(client, url, 0, max_tokens) for _ in range(n)]
+
+
+def run_single(args, mode: str) -> dict:
+    port = free_port()
+    proc = start_server(args.run_dir, port, ["--max-batch", str(args.max_batch), "--batching", mode])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(one_at_a_time(url, 2, args.max_tokens))  # compile its shapes, then a warm request
+        results = asyncio.run(one_at_a_time(url, args.single, args.max_tokens))
+    finally:
+        stop_server(proc)
+    if errors := [r["error"] for r in results if "error" in r]:
+        raise RuntimeError(f"{mode}: {errors[0]}")
+    return {"mode": mode, "latency_median_s": float(np.median([r["latency"] for r in results])),
+            "ttft_median_s": float(np.median([r["ttft"] for r in results])), "tokens": results[0]["tokens"]}
+
+
+def single_table(args, modes: list[str]) -> None:
+    rows = [run_single(args, m) for m in modes]
+    base = rows[0]
+    print(f"one request at a time, {args.single} runs, max_tokens {args.max_tokens}, max batch {args.max_batch}, "
+          f"run dir {args.run_dir}, cpu count {os.cpu_count()}")
+    print(f"{'mode':11} {'tokens':>6} {'latency':>8} {'vs ' + base['mode']:>14} {'ttft':>8} {'vs ' + base['mode']:>14}")
+    for r in rows:
+        r["latency_ratio"] = r["latency_median_s"] / base["latency_median_s"]
+        r["ttft_ratio"] = r["ttft_median_s"] / base["ttft_median_s"]
+        print(f"{r['mode']:11} {r['tokens']:>6} {r['latency_median_s']:>7.3f}s {r['latency_ratio']:>13.2f}x "
+              f"{r['ttft_median_s']:>7.3f}s {r['ttft_ratio']:>13.2f}x")
+    line = json.dumps({"single": args.single, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+                       "modes": rows})
+    print("JSON " + line)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(line + "\n")
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(title)
     print(f"{'mode':11} {'errors':>6} {'req/s':>7} {'tok/s':>8} {'p50 lat':>8} {'p99 lat':>8} {'p50 ttft':>9} "
@@ -237,6 +281,7 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--reply-tokens", type=int, default=48)
+    ap.add_argument("--single", type=int, default=0, help="time this many one-at-a-time requests instead")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if args.conversation:
@@ -248,6 +293,8 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",")]
     if bad := [m for m in modes if m not in ("continuous", "dynamic", "off")]:
         ap.error(f"--modes takes continuous, dynamic and off; got {', '.join(bad)}")
+    if args.single > 0:
+        return single_table(args, modes)
     max_tokens = np.random.default_rng(0).integers(args.min_tokens, args.max_tokens + 1, args.requests).tolist()
     rows = [run_mode(args, m, max_tokens) for m in modes]
 

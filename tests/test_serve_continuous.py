@@ -7,6 +7,7 @@ reuse the cache of the turn before (the prefix cache) and give the tokens they g
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -92,15 +93,17 @@ def test_greedy_rows_arriving_at_different_times_equal_generate(model, batcher):
     for r in requests:
         assert r.job.ids == alone(model, r)
         assert r.text == model.tokenizer.decode(r.job.ids)
-    for _ in range(2):  # full-length rows: the write pointer runs past the cache's end and the rows shift
-        again = [Request(p, model, n, SamplingParams(0.0, min_new_tokens=n)) for p, n in specs]
-        batcher.submit([r.job for r in again])
-        wait(again)
-        for r in again:
-            assert r.job.ids == alone(model, r) and len(r.job.ids) == r.job.max_new_tokens
+    # Full-length rows queued at once keep the slots busy for 4 x 130 / 4 decode steps: more than the L slots
+    # past cur's start, so the write pointer runs past the cache's end and the rows shift.
+    again = [Request(p, model, n, SamplingParams(0.0, min_new_tokens=n)) for p, n in specs * 4]
+    batcher.submit([r.job for r in again])
+    wait(again)
+    for r in again:
+        assert r.job.ids == alone(model, r) and len(r.job.ids) == r.job.max_new_tokens
     assert batcher.stats["largest_batch"] == 4  # rows really shared the slots
     assert shifter(model.cfg.model)._cache_size() == 1
-    assert stepper.cache_info().currsize <= 5  # decode windows of 16, 32, 64, 128 or 256 cache slots
+    # Decode windows of 16, 32, 64, 128 or 256 cache slots, over slot 0 alone or all 4 slots.
+    assert stepper.cache_info().currsize <= 5 * 2
     buckets = {prompt_bucket(len(r.prompt_ids)) for r in requests}
     assert prefiller(model.cfg.model)._cache_size() == len(buckets)  # one prefill program per prompt bucket
 
@@ -132,6 +135,43 @@ def test_a_row_samples_the_same_tokens_alone_and_among_others(model, batcher):
     assert crowd.job.ids == solo.job.ids == alone(model, solo)
     for r in others:
         assert r.job.ids == alone(model, r)
+
+
+class Compiles(logging.Handler):
+    """Counts the programs JAX compiles while it is installed (jax_log_compiles on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Compiling "):
+            self.names.append(record.getMessage().split(" with ")[0])
+
+    def __enter__(self):
+        jax.config.update("jax_log_compiles", True)
+        logging.getLogger("jax").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("jax").removeHandler(self)
+        jax.config.update("jax_log_compiles", False)
+
+
+def test_a_repeated_request_compiles_nothing(model):
+    def work(b):
+        first = Request("Hello there", model, 40)  # a kept prefix too short to resume from; a shift is due
+        b.submit([first.job])
+        wait([first])
+        with Compiles() as compiles:
+            again = Request("Hello there", model, 40)
+            b.submit([again.job])
+            wait([again])
+        return first, again, compiles.names
+
+    (first, again, compiled), _ = run_batcher(model, 1, work)
+    assert compiled == []
+    assert again.job.ids == first.job.ids == alone(model, first)
 
 
 def test_dynamic_batching_gives_the_same_tokens(model):

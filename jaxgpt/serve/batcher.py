@@ -23,6 +23,9 @@ back until the next chunk decides it (jaxgpt.textstream).
 
 Scoring (`ScoreJob`: log-probabilities of given tokens, for `logprobs`/`echo`) runs through the same
 queue: waiting score jobs, up to `max_batch` rows, share one forward pass (jaxgpt.scoring; live models only).
+In continuous mode, while rows decode, scoring runs only once the decode has had as much time as the last
+scoring run took: streamed logprobs then cover several chunks per pass, and decoding keeps at least half
+the worker.
 """
 
 from __future__ import annotations
@@ -71,8 +74,10 @@ class Job:
         s = self.sampling
         return s._replace(top_k=0, top_p=1.0) if s.temperature == 0 else s
 
-    def feed(self, new_ids: list[int], ended: bool, decode: Callable[[list[int]], str]) -> None:
-        """Add this chunk's tokens; send the text that is now certain; finish if the row is done."""
+    def feed(self, new_ids: list[int], ended: bool, decode: Callable[[list[int]], str],
+             before_done: Callable[[], None] | None = None) -> None:
+        """Add this chunk's tokens; send the text that is now certain; finish if the row is done (calling
+        `before_done` first)."""
         if self.text is None:
             self.text = TextStream(decode, self.stops)
         room = self.max_new_tokens - len(self.ids)
@@ -84,6 +89,8 @@ class Job:
         if piece:
             self.emit(("text", piece))
         if reason:
+            if before_done is not None:
+                before_done()
             self.finish(reason)
 
     def finish(self, reason: str) -> None:
@@ -134,6 +141,8 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="jaxgpt-batcher", daemon=True)
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
         self.running = 0  # rows in the batch on the device now
+        # Continuous mode: the last scoring run's seconds, and the decode seconds since it (scoring's share).
+        self._score_s = self._decode_s = 0.0
         self.metrics = Metrics(max_batch, lambda: self.pending, lambda: self.running)
 
     def start(self) -> None:
@@ -242,7 +251,10 @@ class Batcher:
         while (taken := self._take(slots, live)) is not None:
             admitted, other = taken
             if other:  # scoring, or a generation whose window slides: the dynamic path, between two chunks
+                began = time.monotonic()
                 self._run_batch(other)
+                if isinstance(other[0], ScoreJob):
+                    self._score_s, self._decode_s = time.monotonic() - began, 0.0
             try:
                 for job in admitted:
                     live[slots.admit(job.prompt_ids, job.max_new_tokens, job.sampling, job.seed)] = job
@@ -269,8 +281,14 @@ class Batcher:
             if self._closed:
                 return None
             admitted, other, waiting = [], [], collections.deque()
+            # While rows decode, scoring waits until they have had as much time as its last run took: a stream's
+            # scoring passes (one in flight per choice, covering every held piece) then cover several chunks.
+            score_due = not live or self._decode_s >= self._score_s
             for job in self._pending:
                 if job.cancelled:
+                    continue
+                if isinstance(job, ScoreJob) and not score_due:
+                    waiting.append(job)
                     continue
                 if isinstance(job, Job) and slots.fits(len(job.prompt_ids), job.max_new_tokens):
                     if len(admitted) < len(slots.free):
@@ -293,7 +311,9 @@ class Batcher:
         self.stats["rows"] += len(admitted)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
         self.running = len(live)
+        began = time.monotonic()
         new, ended = slots.step()
+        self._decode_s += time.monotonic() - began
         self.metrics.generated(sum(len(new[s]) for s in live))
         for slot, job in list(live.items()):
             if job.cancelled or job.finished:  # the client went away: nothing worth keeping
@@ -301,9 +321,11 @@ class Batcher:
                 slots.release(slot)
                 del live[slot]
                 continue
-            job.feed(new[slot], ended[slot], self.engine.tokenizer.decode)
-            if job.finished:  # its cache holds prompt + every token it produced: a next turn can reuse it
-                slots.release(slot, job.prompt_ids + job.ids)
+            # A finished row's cache holds prompt + every token it produced: kept for a next turn before the
+            # client hears `done`, so that copy (and its compile) is not charged to the client's next request.
+            job.feed(new[slot], ended[slot], self.engine.tokenizer.decode,
+                     lambda slot=slot, job=job: slots.release(slot, job.prompt_ids + job.ids))
+            if job.finished:
                 del live[slot]
         self.running = len(live)
         if slots.prefix is not None:

@@ -8,8 +8,9 @@ A request is prefilled into a free slot so that its prompt ends at `cur` (right-
 bucket: the padding lies past `cur`, where the causal mask hides it until decoding overwrites it); then it
 decodes alongside whatever else is in the slots: `step` runs `chunk` tokens for every live row in one
 jitted call. Between calls the batcher frees finished rows and prefills waiting requests into them, so a
-request never waits for another to end. `cur` starts at L; when a new request would run past 2L, every
-row shifts left by cur - L (a live row spans at most L slots, so none loses text), and cur is L again.
+request never waits for another to end. `cur` starts at L, and goes back to L when a request arrives at
+empty slots; when a new request would run past 2L, every row shifts left by cur - L (a live row spans at
+most L slots, so none loses text), and cur is L again.
 
 Sampling settings are per-row arrays (temperature, top-k, top-p, repetition penalty, min_new_tokens), so
 requests with different settings share the slots; a row's random key is key(seed) folded with its token
@@ -17,13 +18,17 @@ count, as in jaxgpt.generate, so a row's tokens do not depend on its slot-mates 
 
 With a prefix cache (jaxgpt.serve.prefix_cache), a finished row's cache is kept under its token ids,
 and a prompt whose first half or more is kept tokens (a chat's next turn) copies their keys/values into its
-slot and prefills only the rest.
+slot and prefills only the rest, where that rest pads to a smaller bucket than the whole prompt.
 
 A decode chunk attends over a window of the cache, from the earliest live row's first slot to the chunk's
-last write, rounded up to a power of two: a step costs what the rows in the slots need.
+last write, rounded up to a power of two: a step costs what the rows in the slots need. A request takes the
+lowest free slot, and a step runs slot 0 alone when no other slot is taken, so one request alone decodes at
+batch 1 (a row count per occupancy would multiply the compiled shapes, each first met under load). Idle
+rows never draw from the vocabulary (a draw per row per token costs more than a tiny model's forward).
 
-Compiled shapes: one decode chunk per window bucket, one shift, one prefill per prompt bucket; with a prefix
-cache also one read per kept-length bucket and one resumed prefill per (kept-length, rest-of-prompt) bucket.
+Compiled shapes: one decode chunk per window bucket at 1 and at B rows, one shift, one prefill per prompt
+bucket; with a prefix cache also one read per kept-length bucket and one resumed prefill per (kept-length,
+rest-of-prompt) bucket. A request repeated at idle slots compiles nothing: it runs the same shapes again.
 """
 
 from __future__ import annotations
@@ -54,13 +59,15 @@ class SlotState(NamedTuple):
     cur: jax.Array  # the cache slot every row writes its next token to
 
 
-def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, s: SamplingParams) -> jax.Array:
-    """One token per row with per-row settings (fields shaped Bx1); row b draws with keys_B[b] only."""
+def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, s: SamplingParams, live_B: jax.Array) -> jax.Array:
+    """One token per row with per-row settings (fields shaped Bx1); row b draws with keys_B[b] only. Rows not
+    live take the greedy token (the caller discards it): idle slots never cost a draw over the vocabulary."""
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    s = s._replace(temperature=jnp.where(live_B[:, None], s.temperature, 0.0))
 
     def draw(logits_BxV):
         scaled_BxV = logits_BxV / jnp.maximum(s.temperature, 1e-6)
-        filtering_Bx1 = (s.top_k > 0) | (s.top_p < 1)
+        filtering_Bx1 = ((s.top_k > 0) | (s.top_p < 1)) & live_B[:, None]
         # Filter only rows that ask for it: a row's logits never depend on its slot-mates' settings.
         filtered_BxV = jax.lax.cond(jnp.any(filtering_Bx1),
                                     lambda x: jnp.where(filtering_Bx1, filter_logits(x, s.top_k, s.top_p), x),
@@ -147,50 +154,52 @@ def row_reader(cfg: ModelConfig, length: int):
     return jax.jit(read)
 
 
-@functools.lru_cache(maxsize=64)
-def stepper(cfg: ModelConfig, chunk: int, window: int):
-    """Jitted (params, state, lo, sampling Bx1 fields, seed_B, limit_B, eos_id, n_vocab) -> (state, tokens BxC).
+@functools.lru_cache(maxsize=128)
+def stepper(cfg: ModelConfig, chunk: int, window: int, rows: int):
+    """Jitted (params, state, lo, sampling Rx1 fields, seed_R, limit_R, eos_id, n_vocab) -> (state, tokens RxC).
 
-    Up to `chunk` tokens per live row (i < limit, no end-of-text yet); -1 where a row gave no token. The
-    steps attend over cache slots [lo, lo + window) only, which must hold every live row's text and the
-    chunk's writes: attention and cache updates cost what the live rows need, not the whole cache."""
+    Up to `chunk` tokens per live row among the first `rows` slots (i < limit, no end-of-text yet); -1 where a
+    row gave no token; slots from `rows` on must hold no request. The steps attend over cache slots
+    [lo, lo + window) only, which must hold every live row's text and the chunk's writes: attention, cache
+    updates and the vocabulary-wide work cost what the live rows need, not the whole cache."""
 
-    def step(params, state: SlotState, lo, sampling: SamplingParams, seed_B, limit_B, eos_id, n_vocab):
-        B = state.start_B.shape[0]
-        rows_B = jnp.arange(B)
-        keys_B = jax.vmap(jax.random.key)(seed_B)
+    def step(params, state: SlotState, lo, sampling: SamplingParams, seed_R, limit_R, eos_id, n_vocab):
+        R = rows
+        rows_R = jnp.arange(R)
+        keys_R = jax.vmap(jax.random.key)(seed_R)
 
         def cond(carry):
             k, st, _ = carry
-            return (k < chunk) & jnp.any(~st.done_B & (st.i_B < limit_B))
+            return (k < chunk) & jnp.any(~st.done_B & (st.i_B < limit_R))
 
         def body(carry):
-            k, st, out_BxC = carry
-            live_B = ~st.done_B & (st.i_B < limit_B)
-            logits_BxV = adjust_logits(st.logits_BxV, st.seen_BxV, None, None, st.i_B[:, None], sampling, eos_id, 0)
-            step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, st.i_B)
-            token_B = sample_rows(logits_BxV, step_keys_B, sampling)
-            ended_B = live_B & (token_B == eos_id)
-            emitted_B = live_B & ~ended_B
-            out_BxC = out_BxC.at[:, k].set(jnp.where(emitted_B, token_B, -1))
-            seen_BxV = st.seen_BxV.at[rows_B, jnp.where(emitted_B, token_B, cfg.vocab_size)].set(True, mode="drop")
+            k, st, out_RxC = carry
+            live_R = ~st.done_B & (st.i_B < limit_R)
+            logits_RxV = adjust_logits(st.logits_BxV, st.seen_BxV, None, None, st.i_B[:, None], sampling, eos_id, 0)
+            step_keys_R = jax.vmap(jax.random.fold_in)(keys_R, st.i_B)
+            token_R = sample_rows(logits_RxV, step_keys_R, sampling, live_R)
+            ended_R = live_R & (token_R == eos_id)
+            emitted_R = live_R & ~ended_R
+            out_RxC = out_RxC.at[:, k].set(jnp.where(emitted_R, token_R, -1))
+            seen_RxV = st.seen_BxV.at[rows_R, jnp.where(emitted_R, token_R, cfg.vocab_size)].set(True, mode="drop")
             # Every row writes at cur; a row that gave no token writes there too, past its own text.
-            logits_Bx1xV, cache = forward_cached(cfg, params, token_B[:, None], st.cache, st.cur - lo,
+            logits_Rx1xV, cache = forward_cached(cfg, params, token_R[:, None], st.cache, st.cur - lo,
                                                  st.start_B - lo, n_vocab)
-            logits_BxV = jnp.where(emitted_B[:, None], logits_Bx1xV[:, 0], st.logits_BxV)
-            st = SlotState(cache, logits_BxV, seen_BxV, st.start_B, st.i_B + emitted_B, st.done_B | ended_B,
+            logits_RxV = jnp.where(emitted_R[:, None], logits_Rx1xV[:, 0], st.logits_BxV)
+            st = SlotState(cache, logits_RxV, seen_RxV, st.start_B, st.i_B + emitted_R, st.done_B | ended_R,
                            st.cur + 1)
-            return k + 1, st, out_BxC
+            return k + 1, st, out_RxC
 
         def in_window(a):
-            return jax.lax.dynamic_slice(a, (0, lo, 0, 0), (B, window, *a.shape[2:]))
+            return jax.lax.dynamic_slice(a, (0, lo, 0, 0), (R, window, *a.shape[2:]))
 
-        out_BxC = jnp.full((B, chunk), -1, jnp.int32)
-        windowed = state._replace(cache=jax.tree.map(in_window, state.cache))
-        _, windowed, out_BxC = jax.lax.while_loop(cond, body, (jnp.int32(0), windowed, out_BxC))
+        # The first R slots, their cache cut to the window: the loop carries only what it works on.
+        part = SlotState(jax.tree.map(in_window, state.cache), *(a[:R] for a in state[1:-1]), state.cur)
+        out_RxC = jnp.full((R, chunk), -1, jnp.int32)
+        _, part, out_RxC = jax.lax.while_loop(cond, body, (jnp.int32(0), part, out_RxC))
         cache = jax.tree.map(lambda a, w: jax.lax.dynamic_update_slice(a, w, (0, lo, 0, 0)), state.cache,
-                             windowed.cache)
-        return windowed._replace(cache=cache), out_BxC
+                             part.cache)
+        return SlotState(cache, *(a.at[:R].set(p) for a, p in zip(state[1:-1], part[1:-1])), part.cur), out_RxC
 
     return jax.jit(step, donate_argnums=(1,))
 
@@ -203,7 +212,9 @@ class Slots:
         self.params, self.cfg, self.chunk = params, cfg, chunk
         self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos_id, self.n_vocab = np.int32(eos_id), np.int32(n_vocab)
-        self.state = empty_state(cfg, n_slots)
+        # Committed to the device, as every later state is (else the first calls compile twice), and shifted by 0
+        # to compile the shift now: the first real one comes under load, when the slots are busy.
+        self.state = shifter(cfg)(jax.device_put(empty_state(cfg, n_slots), jax.devices()[0]), np.int32(0))
         self.cur = cfg.block_size  # host copies of state.cur and state.start_B
         self.start_B = np.full(n_slots, cfg.block_size, np.int64)
         self.free = list(range(n_slots))
@@ -221,12 +232,15 @@ class Slots:
         n, L = len(prompt_ids), self.cfg.block_size
         if not self.fits(n, max_new_tokens):
             raise ValueError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds the context of {L} tokens")
-        slot = self.free[0]
+        slot = min(self.free)  # the lowest free slot: a request alone is in slot 0, which decodes at batch 1
         entry, kept = self._reusable(prompt_ids)
         padded_1xT = self._padded(prompt_ids[kept:])
         # The furthest slot this row writes: its prompt's padding, a kept row's copy, its last token.
         written = max(kept + padded_1xT.shape[1], entry.length if entry else 0, n + max_new_tokens)
-        if self.cur - n + written > 2 * L:  # shift every row left: cur is L again, and everything fits
+        if len(self.free) == len(self.limit_B):  # no row to keep: start again at L, with no shift to run
+            self.cur = L
+            self.state = self.state._replace(cur=jax.device_put(np.int32(L), self.state.cur.sharding))
+        elif self.cur - n + written > 2 * L:  # shift every row left: cur is L again, and everything fits
             self.state = shifter(self.cfg)(self.state, np.int32(self.cur - L))
             self.start_B -= self.cur - L
             self.cur = L
@@ -240,7 +254,7 @@ class Slots:
                                            padded_1xT, np.int32(n - kept), seen_V, self.n_vocab)
             self.prefix.stats["prefix_cache_hits"] += 1
             self.prefix.stats["prefix_cache_tokens_reused"] += kept
-        self.free.pop(0)
+        self.free.remove(slot)
         self.start_B[slot] = self.cur - n
         self.limit_B[slot], self.seed_B[slot] = max_new_tokens, seed % 2**32
         self.settings_Bx5[slot] = np.asarray(sampling, np.float32)
@@ -258,7 +272,10 @@ class Slots:
             return None, 0
         entry, kept = self.prefix.find(prompt_ids)
         kept = min(kept, len(prompt_ids) - 1)  # the last prompt token always runs: its logits start the reply
-        if entry is None or 2 * kept < len(prompt_ids):  # copying a whole kept row costs more than a short prefill
+        n = len(prompt_ids)
+        if entry is None or 2 * kept < n:  # copying a whole kept row costs more than a short prefill
+            return None, 0
+        if prompt_bucket(n - kept) == prompt_bucket(n):  # the prefill's padded length would not shrink
             return None, 0
         return entry, kept
 
@@ -273,16 +290,20 @@ class Slots:
 
     def step(self) -> tuple[list[list[int]], list[bool]]:
         """Up to `chunk` new tokens for every slot, and whether each slot's row produced end-of-text."""
-        s = self.settings_Bx5
+        B = len(self.limit_B)
+        taken_B = self.limit_B > 0
+        R = B if taken_B[1:].any() else 1  # slot 0 alone (admit fills the lowest free slot) decodes at batch 1
+        s = self.settings_Bx5[:R]
         sampling = SamplingParams(s[:, 0:1], s[:, 1:2].astype(np.int32), s[:, 2:3], s[:, 3:4],
                                   s[:, 4:5].astype(np.int32))
         # The window: from the earliest live row's first slot to the chunk's last write, in a power-of-two bucket.
-        first = int(self.start_B[self.limit_B > 0].min(initial=self.cur))
+        first = int(self.start_B[taken_B].min(initial=self.cur))
         window = min(prompt_bucket(min(self.cur + self.chunk, 2 * self.cfg.block_size) - first),
                      2 * self.cfg.block_size)
         lo = min(first, 2 * self.cfg.block_size - window)
-        self.state, out_BxC = stepper(self.cfg, self.chunk, window)(
-            self.params, self.state, np.int32(lo), sampling, self.seed_B, self.limit_B, self.eos_id, self.n_vocab)
-        rows = np.asarray(out_BxC).tolist()
+        self.state, out_RxC = stepper(self.cfg, self.chunk, window, R)(
+            self.params, self.state, np.int32(lo), sampling, self.seed_B[:R], self.limit_B[:R], self.eos_id,
+            self.n_vocab)
+        rows = np.asarray(out_RxC).tolist() + [[]] * (B - R)
         self.cur = int(self.state.cur)
         return [[t for t in row if t >= 0] for row in rows], np.asarray(self.state.done_B).tolist()
