@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
+import pytest
 import uvicorn
 
 
@@ -32,3 +37,23 @@ def serve_in_thread(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def start_server_process(argv: list[str], stream_chunk: int) -> tuple[subprocess.Popen, str]:
+    """`python ARGV... --port P --stream-chunk N` (a `jaxgpt serve` command line) on a free port, once /health
+    answers 200: (the process, its base URL). Fails the test if the server exits first."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, *argv, "--port", str(port), "--stream-chunk", str(stream_chunk)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"the server at {url} did not answer /health within two minutes")

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
@@ -23,7 +19,7 @@ import jaxgpt
 from jaxgpt.generate import SamplingParams
 from jaxgpt.serve import create_app
 from jaxgpt.serve.batcher import Batcher, Job
-from serving import free_port, serve_in_thread
+from serving import serve_in_thread, start_server_process
 
 PROMPTS = ["The class", "A function is", "import os", "Return the"]
 
@@ -159,18 +155,8 @@ def test_close_fails_queued_jobs_with_503(model):
 
 
 def test_sigterm_finishes_the_stream_in_flight_then_exits(run_dir):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.cli", "serve", "--run-dir", str(run_dir), "--port",
-                             str(port), "--stream-chunk", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc, url = start_server_process(["-m", "jaxgpt.cli", "serve", "--run-dir", str(run_dir)], stream_chunk=2)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
         body = {"prompt": "The", "max_tokens": 16, "temperature": 1.0, "seed": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()

@@ -5,13 +5,8 @@ exports serve too, and artifacts exported before scoring programs existed still 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import jax
@@ -28,6 +23,7 @@ from jaxgpt.exported import load_exported
 from jaxgpt.model import init_params
 from jaxgpt.scoring import token_logprobs
 from jaxgpt.serve import create_app
+from serving import start_server_process
 
 TEMPLATE = conversation.Template(name="test-chat", system="S:\n", user="Q:\n", assistant="A:\n")
 # Runs `jaxgpt serve` with every import of these refused, so serving an export provably needs none of them.
@@ -60,21 +56,7 @@ def exported(live, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(exported):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, "serve", "--exported", str(exported), "--port", str(port),
-                             "--stream-chunk", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
-            time.sleep(0.1)
+    proc, url = start_server_process(["-c", SERVER, "serve", "--exported", str(exported)], stream_chunk=4)
     yield url
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
