@@ -4,7 +4,7 @@
   TPU     the Pallas splash-attention kernel (flash attention that skips fully masked blocks), for
           sequences of whole 128-token blocks without a KV cache; left padding rides along as segment ids;
   NVIDIA  cuDNN flash attention for bf16/fp16 causal attention without an explicit mask;
-  CPU     a blockwise causal path for long sequences (T >= 512), where it is about 2x faster;
+  CPU     a blockwise causal path from two blocks on (T >= 256): 1.8x XLA's at T=256, 2.4x at 1024 (fwd+bwd);
   else    XLA's fused dot_product_attention (also the fallback for decoding with a cache).
 `xla`, `blockwise`, `cudnn` and `splash` force one path; `splash` off a TPU runs the kernel in Pallas
 interpret mode (correct but slow: for tests).
@@ -62,7 +62,7 @@ def choose(attention: str, T: int, S: int, K: int, dtype, has_mask: bool) -> str
         return "splash"
     if where == "nvidia" and not has_mask and jnp.dtype(dtype) in _CUDNN_DTYPES and K <= 128 and K % 8 == 0:
         return "cudnn"
-    if where == "cpu" and not has_mask and whole_blocks and T >= 512:
+    if where == "cpu" and not has_mask and whole_blocks and T >= 2 * BLOCK:
         return "blockwise"
     return "xla"
 
@@ -82,19 +82,63 @@ def attend(attention: str, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask) -> jax.Array:
 
 
 def blockwise_causal_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK):
-    """Causal attention a query block at a time against only the keys it can see: skips the masked half
-    of the scores and never holds the full TxT matrix (XLA's CPU path does both)."""
-    T, K = q_BxTxHxK.shape[1], q_BxTxHxK.shape[-1]
-    outs = []
+    """Causal attention a query block at a time against only the keys it can see: skips the masked
+    scores (a quarter of them at two blocks, nearly half at many) and never holds the full TxT matrix."""
+    to_heads = lambda x_BxTxHxK: x_BxTxHxK.transpose(0, 2, 1, 3)  # noqa: E731
+    out_BxHxTxK = _blockwise(to_heads(q_BxTxHxK), to_heads(k_BxTxHxK), to_heads(v_BxTxHxK))
+    return out_BxHxTxK.transpose(0, 2, 1, 3)
+
+
+def _blockwise_forward(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK):
+    """(out BxHxTxK, each query block's float32 probabilities BxHxCxS, S = the keys that block sees)."""
+    T, K = q_BxHxTxK.shape[2], q_BxHxTxK.shape[3]
+    outs, probs = [], []
     for start in range(0, T, BLOCK):
         end = start + BLOCK
-        logits_BxHxCxS = jnp.einsum("bchk,bshk->bhcs", q_BxTxHxK[:, start:end], k_BxTxHxK[:, :end],
-                                    preferred_element_type=jnp.float32) / math.sqrt(K)
+        logits_BxHxCxS = jnp.einsum("bhck,bhsk->bhcs", q_BxHxTxK[:, :, start:end], k_BxHxTxK[:, :, :end],
+                                    preferred_element_type=jnp.float32) * (1 / math.sqrt(K))
         visible_CxS = jnp.arange(end)[None, :] <= (start + jnp.arange(BLOCK))[:, None]
-        logits_BxHxCxS = jnp.where(visible_CxS, logits_BxHxCxS, jnp.finfo(jnp.float32).min)
-        probs_BxHxCxS = jax.nn.softmax(logits_BxHxCxS, axis=-1).astype(v_BxTxHxK.dtype)
-        outs.append(jnp.einsum("bhcs,bshk->bchk", probs_BxHxCxS, v_BxTxHxK[:, :end]))
-    return jnp.concatenate(outs, axis=1)
+        logits_BxHxCxS = jnp.where(visible_CxS, logits_BxHxCxS, -jnp.inf)  # the diagonal is always visible
+        probs_BxHxCxS = jax.nn.softmax(logits_BxHxCxS, axis=-1)
+        probs.append(probs_BxHxCxS)
+        outs.append(jnp.einsum("bhcs,bhsk->bhck", probs_BxHxCxS.astype(v_BxHxTxK.dtype), v_BxHxTxK[:, :, :end],
+                               preferred_element_type=jnp.float32).astype(v_BxHxTxK.dtype))
+    return jnp.concatenate(outs, axis=2), probs
+
+
+@jax.custom_vjp
+def _blockwise(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK):
+    return _blockwise_forward(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK)[0]
+
+
+def _blockwise_fwd(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK):
+    out_BxHxTxK, probs = _blockwise_forward(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK)
+    return out_BxHxTxK, (q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, out_BxHxTxK, probs)
+
+
+def _blockwise_bwd(residuals, dout_BxHxTxK):
+    # The softmax gradient's row sums are rowsum(dout * out): a K-wide reduction instead of an S-wide one.
+    q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, out_BxHxTxK, probs = residuals
+    T, K, dtype = q_BxHxTxK.shape[2], q_BxHxTxK.shape[3], q_BxHxTxK.dtype
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    delta_BxHxTx1 = jnp.sum(dout_BxHxTxK.astype(jnp.float32) * out_BxHxTxK.astype(jnp.float32), -1, keepdims=True)
+    dq_blocks = []
+    dk_BxHxTxK = jnp.zeros(k_BxHxTxK.shape, jnp.float32)
+    dv_BxHxTxK = jnp.zeros(v_BxHxTxK.shape, jnp.float32)
+    for i, start in enumerate(range(0, T, BLOCK)):
+        end = start + BLOCK
+        probs_BxHxCxS, dout_BxHxCxK = probs[i], dout_BxHxTxK[:, :, start:end]
+        dv_BxHxTxK = dv_BxHxTxK.at[:, :, :end].add(f32("bhcs,bhck->bhsk", probs_BxHxCxS.astype(dtype), dout_BxHxCxK))
+        dprobs_BxHxCxS = f32("bhck,bhsk->bhcs", dout_BxHxCxK, v_BxHxTxK[:, :, :end])
+        dlogits_BxHxCxS = (probs_BxHxCxS * (dprobs_BxHxCxS - delta_BxHxTx1[:, :, start:end])
+                           * (1 / math.sqrt(K))).astype(dtype)
+        dq_blocks.append(f32("bhcs,bhsk->bhck", dlogits_BxHxCxS, k_BxHxTxK[:, :, :end]))
+        dk_BxHxTxK = dk_BxHxTxK.at[:, :, :end].add(f32("bhcs,bhck->bhsk", dlogits_BxHxCxS, q_BxHxTxK[:, :, start:end]))
+    return (jnp.concatenate(dq_blocks, axis=2).astype(dtype), dk_BxHxTxK.astype(k_BxHxTxK.dtype),
+            dv_BxHxTxK.astype(v_BxHxTxK.dtype))
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 @functools.lru_cache(maxsize=16)

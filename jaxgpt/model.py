@@ -29,34 +29,44 @@ def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
-def _dot_specs(x_ndim: int, n_in: int, n_out: int) -> tuple[str, str, str]:
-    """einsum specs for y = x . w over n_in axes, and its two gradients (letters: batch, in, out)."""
-    b, i, o = "abcdefgh"[:x_ndim - n_in], "ijkl"[:n_in], "mnop"[:n_out]
-    return f"{b}{i},{i}{o}->{b}{o}", f"{b}{o},{i}{o}->{b}{i}", f"{b}{i},{b}{o}->{i}{o}"
+def mixed_dot(x, w, n_in: int) -> jax.Array:
+    """x . w over x's last `n_in` dims, in the inputs' dtype with a float32 result. For bf16 inputs the custom
+    gradient keeps both backward dots in bf16 with f32 accumulation too (autodiff alone would run them in f32)."""
+    # One row axis: XLA's CPU dots then take the weight gradient without a transposed copy of the
+    # activations (the whole MLP's fwd+bwd about 1.2x faster at "small" shapes).
+    batch, features = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    y = _rows_dot(x.reshape(-1, *features), w, n_in)
+    return y.reshape(*batch, *y.shape[1:])
+
+
+def _letters(n_in: int, n_out: int) -> tuple[str, str]:
+    return "ijkl"[:n_in], "mnop"[:n_out]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mixed_dot(x, w, n_in: int) -> jax.Array:
-    """x . w in the inputs' dtype with a float32 result. For bf16 inputs the custom gradient keeps both
-    backward dots in bf16 with f32 accumulation too (autodiff alone would run them in f32)."""
-    fwd, _, _ = _dot_specs(x.ndim, n_in, w.ndim - n_in)
-    return jnp.einsum(fwd, x, w, preferred_element_type=jnp.float32)
+def _rows_dot(x_NxI, w_IxO, n_in: int) -> jax.Array:
+    i, o = _letters(n_in, w_IxO.ndim - n_in)
+    return jnp.einsum(f"a{i},{i}{o}->a{o}", x_NxI, w_IxO, preferred_element_type=jnp.float32)
 
 
-def _mixed_dot_fwd(x, w, n_in):
-    return mixed_dot(x, w, n_in), (x, w)
+def _rows_dot_fwd(x_NxI, w_IxO, n_in):
+    return _rows_dot(x_NxI, w_IxO, n_in), (x_NxI, w_IxO)
 
 
-def _mixed_dot_bwd(n_in, residuals, g):
-    x, w = residuals
-    _, dx_spec, dw_spec = _dot_specs(x.ndim, n_in, w.ndim - n_in)
-    g = g.astype(x.dtype)
-    dx = jnp.einsum(dx_spec, g, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum(dw_spec, x, g, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw
+def _rows_dot_bwd(n_in, residuals, g_NxO):
+    x_NxI, w_IxO = residuals
+    i, o = _letters(n_in, w_IxO.ndim - n_in)
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    g_NxO = g_NxO.astype(x_NxI.dtype)
+    dx_NxI = f32(f"a{o},{i}{o}->a{i}", g_NxO, w_IxO).astype(x_NxI.dtype)
+    if len(o) == 1:
+        dw_IxO = f32(f"a{i},a{o}->{i}{o}", x_NxI, g_NxO)
+    else:  # the first output axis as a batch axis: XLA's CPU runtime has no bf16 dot with several output axes
+        dw_IxO = jnp.moveaxis(f32(f"a{i},a{o}->{o[0]}{i}{o[1:]}", x_NxI, g_NxO), 0, n_in)
+    return dx_NxI, dw_IxO.astype(w_IxO.dtype)
 
 
-mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+_rows_dot.defvjp(_rows_dot_fwd, _rows_dot_bwd)
 
 
 class Linear(nn.Module):

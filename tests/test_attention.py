@@ -42,6 +42,41 @@ def test_splash_equals_xla_causal_forward_and_gradients():
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("length", [256, 512])
+def test_blockwise_equals_a_float64_reference_forward_and_gradients(length):
+    # The custom gradient (row sums from dout * out, key/value gradients summed over query blocks) against
+    # plain softmax attention autodiffed in float64.
+    qkv_ = tuple(jax.random.normal(jax.random.key(i), (2, length, 2, 32)) for i in range(3))
+    w = jax.random.normal(jax.random.key(9), (2, length, 2, 32))
+
+    def exact(q, k, v):
+        logits = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(32)
+        logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, -jnp.inf)
+        return jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(logits, axis=-1), v)
+
+    with jax.enable_x64():
+        q64, k64, v64 = (np.asarray(x, np.float64) for x in qkv_)
+        want_out = np.asarray(exact(q64, k64, v64))
+        want_grads = jax.grad(lambda q, k, v: (exact(q, k, v) * np.asarray(w, np.float64)).sum(), (0, 1, 2))(
+            q64, k64, v64)
+        want_grads = [np.asarray(g) for g in want_grads]
+    np.testing.assert_allclose(attention.blockwise_causal_attention(*qkv_), want_out, atol=2e-6)
+    got_grads = jax.grad(lambda q, k, v: (attention.blockwise_causal_attention(q, k, v) * w).sum(), (0, 1, 2))(*qkv_)
+    for got, want in zip(got_grads, want_grads):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_blockwise_in_bfloat16_is_close_to_float32():
+    q, k, v = qkv()
+    w = jax.random.normal(jax.random.key(9), (B, T, H, K))
+    loss = lambda q, k, v: (attention.blockwise_causal_attention(q, k, v).astype(jnp.float32) * w).sum()  # noqa: E731
+    want = jax.grad(loss, (0, 1, 2))(q, k, v)
+    got = jax.grad(loss, (0, 1, 2))(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.1, rtol=0.05)
+
+
 def test_splash_with_left_padding_equals_masked_xla():
     q, k, v = qkv(3)
     start_B = jnp.array([0, 100])  # row 1: 100 padding slots, then text
@@ -91,7 +126,8 @@ def test_model_with_splash_equals_xla_including_left_padding():
     ("tpu", "auto", 1, 1024, jnp.bfloat16, True, "xla"),           # decoding against a cache
     ("tpu", "auto", 100, 100, jnp.bfloat16, False, "xla"),         # not whole 128-token blocks
     ("cpu", "auto", 512, 512, jnp.float32, False, "blockwise"),
-    ("cpu", "auto", 256, 256, jnp.float32, False, "xla"),
+    ("cpu", "auto", 256, 256, jnp.float32, False, "blockwise"),
+    ("cpu", "auto", 128, 128, jnp.float32, False, "xla"),          # one block: nothing to skip
     ("cpu", "auto", 512, 512, jnp.float32, True, "xla"),
     ("cpu", "splash", 256, 256, jnp.float32, True, "splash"),
     ("cpu", "splash", 1, 256, jnp.float32, True, "xla"),
