@@ -1,14 +1,21 @@
 """Next-token cross-entropy through the tied LM head, optionally a chunk of positions at a time.
 
 The full logits of a batch are B x T x V float32 (GPT-2 124M at batch 8, block 1024: 1.6 GB, and as much
-again for their gradient). With `chunk` > 0 the head, log-softmax and target pick run over T in chunks
-inside a `lax.map` whose body is rematerialised, so the forward keeps no logits and the backward recomputes
-one chunk at a time: at most B x chunk x V float32 logits are alive. Logits are float32 in both modes.
+again for their gradient). With `chunk` > 0 the head, log-softmax and target pick run over T in chunks, so at
+most B x chunk x V float32 logits are alive. Logits are float32 in both modes.
+
+The training loss is `weighted_cross_entropy`: a weighted sum over tokens whose gradient is fused into the
+forward pass. Each chunk's logit gradient (softmax - one-hot, times the token's weight) is known as soon as
+its logits are, so the forward pass also takes the hidden-state and embedding gradients from it and the
+backward pass only scales them: three LM-head matmuls per step instead of four (forward, a recomputed
+forward, two backward), and no logits kept.
 
 Shape letters as in model.py; C is the chunk length, N the number of chunks.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,3 +46,62 @@ def token_cross_entropy(h_BxTxD: jax.Array, wte_VxD: jax.Array, targets_BxT: jax
 
     ce_NxBxC = jax.lax.map(lambda args: one_chunk(*args), (h_NxBxCxD, targets_NxBxC))
     return ce_NxBxC.swapaxes(0, 1).reshape(B, N * chunk)[:, :T]
+
+
+def weighted_cross_entropy(h_BxTxD: jax.Array, wte_VxD: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
+                           chunk: int = 0) -> jax.Array:
+    """sum(weights * cross-entropy) in float32 (weights 1/(B*T): the mean; a mask over its sum: a masked mean).
+    With chunk > 0 the gradients of h and wte are computed in the forward pass, a chunk at a time."""
+    T = h_BxTxD.shape[1]
+    if chunk <= 0 or chunk >= T:
+        return (token_cross_entropy(h_BxTxD, wte_VxD, targets_BxT) * weights_BxT).sum()
+    return _fused_weighted_ce(h_BxTxD, wte_VxD, targets_BxT, weights_BxT.astype(jnp.float32), chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_weighted_ce(h_BxTxD, wte_VxD, targets_BxT, weights_BxT, chunk):
+    # Without differentiation: chunked logits, nothing kept.
+    return (token_cross_entropy(h_BxTxD, wte_VxD, targets_BxT, chunk) * weights_BxT).sum()
+
+
+def _chunks(x_BxT_, chunk: int) -> jax.Array:
+    """B x T x ... -> N x B x chunk x ..., the last chunk zero-padded."""
+    B, T = x_BxT_.shape[:2]
+    N = -(-T // chunk)
+    pad = [(0, 0), (0, N * chunk - T)] + [(0, 0)] * (x_BxT_.ndim - 2)
+    return jnp.pad(x_BxT_, pad).reshape(B, N, chunk, *x_BxT_.shape[2:]).swapaxes(0, 1)
+
+
+def _fused_weighted_ce_fwd(h_BxTxD, wte_VxD, targets_BxT, weights_BxT, chunk):
+    B, T, D = h_BxTxD.shape
+    V = wte_VxD.shape[0]
+    wte_c = wte_VxD.astype(h_BxTxD.dtype)
+
+    def one_chunk(dwte_VxD, inputs):
+        h_BxCxD, targets_BxC, weights_BxC = inputs
+        logits_BxCxV = lm_logits(h_BxCxD, wte_c)
+        logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+        target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+        # d(weight * ce)/dlogits = weight * (softmax - one-hot); padded positions have weight 0.
+        onehot_BxCxV = jnp.arange(V) == targets_BxC[..., None]
+        dlogits_BxCxV = (jnp.exp(logits_BxCxV - logz_BxC[..., None]) - onehot_BxCxV) * weights_BxC[..., None]
+        dlogits_BxCxV = dlogits_BxCxV.astype(h_BxCxD.dtype)  # bf16 matmuls with f32 accumulation in bf16
+        dh_BxCxD = jnp.einsum("bcv,vd->bcd", dlogits_BxCxV, wte_c, preferred_element_type=jnp.float32)
+        dwte_VxD = dwte_VxD + jnp.einsum("bcv,bcd->vd", dlogits_BxCxV, h_BxCxD, preferred_element_type=jnp.float32)
+        return dwte_VxD, (logz_BxC - target_BxC, dh_BxCxD)
+
+    inputs = (_chunks(h_BxTxD, chunk), _chunks(targets_BxT, chunk), _chunks(weights_BxT, chunk))
+    dwte_VxD, (ce_NxBxC, dh_NxBxCxD) = jax.lax.scan(one_chunk, jnp.zeros((V, D), jnp.float32), inputs)
+    N = ce_NxBxC.shape[0]
+    ce_BxT = ce_NxBxC.swapaxes(0, 1).reshape(B, N * chunk)[:, :T]
+    dh_BxTxD = dh_NxBxCxD.swapaxes(0, 1).reshape(B, N * chunk, D)[:, :T]
+    residuals = (ce_BxT, dh_BxTxD.astype(h_BxTxD.dtype), dwte_VxD.astype(wte_VxD.dtype))
+    return (ce_BxT * weights_BxT).sum(), residuals
+
+
+def _fused_weighted_ce_bwd(chunk, residuals, g):
+    ce_BxT, dh_BxTxD, dwte_VxD = residuals  # the gradients of the sum; g scales them
+    return (g * dh_BxTxD).astype(dh_BxTxD.dtype), (g * dwte_VxD).astype(dwte_VxD.dtype), None, g * ce_BxT
+
+
+_fused_weighted_ce.defvjp(_fused_weighted_ce_fwd, _fused_weighted_ce_bwd)

@@ -1,4 +1,5 @@
-"""The chunked LM-head loss equals the loss over full logits: values and gradients, masks, ragged chunks."""
+"""The chunked LM-head loss equals the loss over full logits: values and gradients, masks, ragged chunks;
+the fused weighted loss (gradients taken in the forward pass) too, in float32 and bf16."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import optax
 import pytest
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.cross_entropy import token_cross_entropy
+from jaxgpt.cross_entropy import token_cross_entropy, weighted_cross_entropy
 from jaxgpt.model import GPT, init_params
 from jaxgpt.train.step import lm_loss
 
@@ -48,6 +49,38 @@ def test_chunked_loss_and_gradients_equal_full_logits(inputs, chunk):
     for got, want in zip(grads, ref_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert not np.any(np.asarray(grads[0])[0, :4]), "masked positions get no gradient"
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 4, 5, 13, 64])
+def test_fused_weighted_loss_and_gradients_equal_full_logits(inputs, chunk):
+    h_BxTxD, wte_VxD, targets_BxT, mask_BxT = inputs
+    weights_BxT = mask_BxT / mask_BxT.sum()
+    ref_loss, ref_grads = jax.value_and_grad(full_logits_loss, argnums=(0, 1))(*inputs)
+    fused = lambda h, w, s: s * weighted_cross_entropy(h, w, targets_BxT, weights_BxT, chunk)  # noqa: E731
+    loss, grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h_BxTxD, wte_VxD, 1.0)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(grads[0])[0, :4]), "masked positions get no gradient"
+    # The incoming cotangent scales the gradients taken in the forward pass (here a factor of 3).
+    grads3 = jax.grad(fused, argnums=(0, 1))(h_BxTxD, wte_VxD, 3.0)
+    for got, want in zip(grads3, ref_grads):
+        np.testing.assert_allclose(got, 3 * np.asarray(want), rtol=1e-5, atol=1e-6)
+    # The weights' own gradient is each token's cross-entropy.
+    ce_BxT = token_cross_entropy(h_BxTxD, wte_VxD, targets_BxT)
+    dweights = jax.grad(lambda w: weighted_cross_entropy(h_BxTxD, wte_VxD, targets_BxT, w, chunk))(weights_BxT)
+    np.testing.assert_allclose(dweights, ce_BxT, rtol=1e-6)
+
+
+def test_fused_weighted_loss_in_bf16_is_close_to_float32(inputs):
+    h_BxTxD, wte_VxD, targets_BxT, mask_BxT = inputs
+    weights_BxT = mask_BxT / mask_BxT.sum()
+    loss = lambda h, w: weighted_cross_entropy(h, w, targets_BxT, weights_BxT, 4)  # noqa: E731
+    want = jax.grad(loss, argnums=(0, 1))(h_BxTxD, wte_VxD)
+    got = jax.grad(loss, argnums=(0, 1))(h_BxTxD.astype(jnp.bfloat16), wte_VxD)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=2e-3)
 
 
 def test_unchunked_equals_reference(inputs):

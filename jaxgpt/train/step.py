@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxgpt.cross_entropy import token_cross_entropy
+from jaxgpt.cross_entropy import weighted_cross_entropy
 from jaxgpt.model import GPT
 
 State = dict[str, Any]
@@ -19,11 +19,12 @@ State = dict[str, Any]
 
 def lm_loss(model: GPT, params, x_BxT, y_BxT, dropout_rng=None, loss_chunk: int = 0) -> jax.Array:
     """Mean next-token cross-entropy (float32); `loss_chunk` > 0 computes the logits that many positions at a
-    time (jaxgpt/cross_entropy.py)."""
+    time, with the LM head's gradients fused into the forward pass (jaxgpt/cross_entropy.py)."""
     deterministic = dropout_rng is None
     rngs = None if deterministic else {"dropout": dropout_rng}
     h_BxTxD, _ = model.apply({"params": params}, x_BxT, deterministic=deterministic, rngs=rngs, return_hidden=True)
-    return token_cross_entropy(h_BxTxD, params["wte"], y_BxT, loss_chunk).mean()
+    weights_BxT = jnp.full(y_BxT.shape, 1 / y_BxT.size, jnp.float32)
+    return weighted_cross_entropy(h_BxTxD, params["wte"], y_BxT, weights_BxT, loss_chunk)
 
 
 def init_state(model: GPT, tx: optax.GradientTransformation, rng: jax.Array) -> State:
