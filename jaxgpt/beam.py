@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt.compile_options import decode_jit
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import cut_at_eos, forward_cached, left_pad, prompt_bucket
@@ -65,7 +66,7 @@ def _beam_decoder(cfg: ModelConfig, max_new_tokens: int, num_beams: int):
         best_B = jnp.argmax(final_BxK, axis=1)
         return jnp.take_along_axis(out_BxKxN, best_B[:, None, None], axis=1)[:, 0]
 
-    return jax.jit(decode)
+    return decode_jit(decode)
 
 
 def beam_search_ids(params, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, *, num_beams: int,

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from jaxgpt import conversation
+from jaxgpt.compile_options import decode_jit
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.generate import (DecodeState, check_sampling, continuer, forward_cached, presence, stop_array,
@@ -44,7 +45,7 @@ def _chunk_prefiller(cfg: ModelConfig):
         # Padding after the real tokens lands in slots the reply overwrites before anything attends to them.
         return jax.lax.dynamic_index_in_dim(logits_1xTxV, n_real - 1, axis=1, keepdims=False), cache
 
-    return jax.jit(run)
+    return decode_jit(run)
 
 
 class ChatSession:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt.compile_options import decode_jit
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import JaxgptError
 from jaxgpt.model import GPT, Cache, init_cache
@@ -216,7 +217,7 @@ def _decoder(cfg: ModelConfig, max_new_tokens: int, ngram: int = 0):
         return decode(cfg, params, prompt_BxP, start_B, keys_B, max_new_tokens, sampling, eos_id, n_vocab, stop_SxM,
                       max_new_tokens, ngram)
 
-    return jax.jit(run)
+    return decode_jit(run)
 
 
 def _get_decoder(cfg: ModelConfig, max_new_tokens: int, ngram: int):
@@ -226,14 +227,14 @@ def _get_decoder(cfg: ModelConfig, max_new_tokens: int, ngram: int):
 
 @functools.lru_cache(maxsize=64)
 def _prefiller(cfg: ModelConfig, length: int):
-    return jax.jit(lambda params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM: prefill(
+    return decode_jit(lambda params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM: prefill(
         cfg, params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM, length))
 
 
 @functools.lru_cache(maxsize=64)
 def continuer(cfg: ModelConfig, ngram: int = 0):
     """Jitted `decode_loop` from a given state (streaming chunks, chat turns); `limit` is traced."""
-    return jax.jit(functools.partial(decode_loop, cfg, ngram=ngram))
+    return decode_jit(functools.partial(decode_loop, cfg, ngram=ngram))
 
 
 def stop_array(stop_ids: Sequence[Sequence[int]] | None) -> np.ndarray:

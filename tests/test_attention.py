@@ -77,6 +77,19 @@ def test_blockwise_in_bfloat16_is_close_to_float32():
         np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_single_query_attention_equals_dot_product_attention(with_padding):
+    # One decoding step against a cache of 40 slots, 30 of them written, rows left-padded by 0/3/7 slots.
+    Bq, S, written = 3, 40, 30
+    q = jax.random.normal(jax.random.key(0), (Bq, 1, H, K))
+    k, v = (jax.random.normal(jax.random.key(i), (Bq, S, H, K)) for i in (1, 2))
+    start_B = jnp.array([0, 3, 7]) if with_padding else None
+    mask = attention_mask(1, S, written, start_B)
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(attention.single_query_attention(q, k, v, mask), want, atol=1e-6)
+    np.testing.assert_allclose(attend("auto", q, k, v, mask), want, atol=1e-6)  # the path auto takes on CPU
+
+
 def test_splash_with_left_padding_equals_masked_xla():
     q, k, v = qkv(3)
     start_B = jnp.array([0, 100])  # row 1: 100 padding slots, then text

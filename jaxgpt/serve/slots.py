@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt.compile_options import decode_jit
 from jaxgpt.config import ModelConfig
 from jaxgpt.generate import adjust_logits, check_sampling, filter_logits, forward_cached, presence
 from jaxgpt.model import init_cache
@@ -106,7 +107,7 @@ def prefiller(cfg: ModelConfig):
         return _with_row(state, slot, cache, logits_1xTxV[0, length - 1], presence(real_1xT, cfg.vocab_size)[0],
                          start)
 
-    return jax.jit(prefill, donate_argnums=(1,))
+    return decode_jit(prefill, donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=16)
@@ -126,7 +127,7 @@ def resumer(cfg: ModelConfig):
         cache = jax.tree.map(lambda big, r: jax.lax.dynamic_update_slice(big, r, (slot, 0, 0, 0)), state.cache, row)
         return _with_row(state, slot, cache, logits_1xTxV[0, length - 1], seen_V, start)
 
-    return jax.jit(resume, donate_argnums=(1,))
+    return decode_jit(resume, donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=16)
@@ -201,7 +202,7 @@ def stepper(cfg: ModelConfig, chunk: int, window: int, rows: int):
                              part.cache)
         return SlotState(cache, *(a.at[:R].set(p) for a, p in zip(state[1:-1], part[1:-1])), part.cur), out_RxC
 
-    return jax.jit(step, donate_argnums=(1,))
+    return decode_jit(step, donate_argnums=(1,))
 
 
 class Slots:
