@@ -79,16 +79,18 @@ def _fused_weighted_ce_fwd(h_BxTxD, wte_VxD, targets_BxT, weights_BxT, chunk):
 
     def one_chunk(dwte_VxD, inputs):
         h_BxCxD, targets_BxC, weights_BxC = inputs
-        logits_BxCxV = lm_logits(h_BxCxD, wte_c)
-        logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-        target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+        # One row axis (R = B x C): XLA's CPU dots contract a single row axis without a transposed copy.
+        h_RxD, targets_R, weights_R = h_BxCxD.reshape(-1, D), targets_BxC.reshape(-1), weights_BxC.reshape(-1)
+        logits_RxV = jnp.einsum("rd,vd->rv", h_RxD, wte_c, preferred_element_type=jnp.float32)
+        logz_R = jax.nn.logsumexp(logits_RxV, axis=-1)
+        target_R = jnp.take_along_axis(logits_RxV, targets_R[:, None], axis=-1)[:, 0]
         # d(weight * ce)/dlogits = weight * (softmax - one-hot); padded positions have weight 0.
-        onehot_BxCxV = jnp.arange(V) == targets_BxC[..., None]
-        dlogits_BxCxV = (jnp.exp(logits_BxCxV - logz_BxC[..., None]) - onehot_BxCxV) * weights_BxC[..., None]
-        dlogits_BxCxV = dlogits_BxCxV.astype(h_BxCxD.dtype)  # bf16 matmuls with f32 accumulation in bf16
-        dh_BxCxD = jnp.einsum("bcv,vd->bcd", dlogits_BxCxV, wte_c, preferred_element_type=jnp.float32)
-        dwte_VxD = dwte_VxD + jnp.einsum("bcv,bcd->vd", dlogits_BxCxV, h_BxCxD, preferred_element_type=jnp.float32)
-        return dwte_VxD, (logz_BxC - target_BxC, dh_BxCxD)
+        onehot_RxV = jnp.arange(V) == targets_R[:, None]
+        dlogits_RxV = (jnp.exp(logits_RxV - logz_R[:, None]) - onehot_RxV) * weights_R[:, None]
+        dlogits_RxV = dlogits_RxV.astype(h_RxD.dtype)  # bf16 matmuls with f32 accumulation in bf16
+        dh_RxD = jnp.einsum("rv,vd->rd", dlogits_RxV, wte_c, preferred_element_type=jnp.float32)
+        dwte_VxD = dwte_VxD + jnp.einsum("rv,rd->vd", dlogits_RxV, h_RxD, preferred_element_type=jnp.float32)
+        return dwte_VxD, ((logz_R - target_R).reshape(B, chunk), dh_RxD.reshape(B, chunk, D))
 
     inputs = (_chunks(h_BxTxD, chunk), _chunks(targets_BxT, chunk), _chunks(weights_BxT, chunk))
     dwte_VxD, (ce_NxBxC, dh_NxBxCxD) = jax.lax.scan(one_chunk, jnp.zeros((V, D), jnp.float32), inputs)
