@@ -54,7 +54,7 @@ def finetune_mode(task: str):
         if mesh is None:
             fn = jax.jit(step_lib.make_finetune_step(*args))
             return step_lib.init_state(params, tx), lambda s, b: fn(s, b, jax.random.key(2), np.float32(1.0))
-        steps = step_lib.build(*args, mesh, params)
+        steps = step_lib.build(*args, mesh, params, loss_chunk=4)  # SFT: the fused chunked loss vs one device unchunked
         fn = lambda s, b: steps.step(s, b, jax.random.key(2), np.float32(1.0))  # noqa: E731
         return step_lib.init_state(params, tx, steps.state_shardings), fn
 

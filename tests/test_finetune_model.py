@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxgpt.config import FinetuneConfig, ModelConfig, TrainConfig
@@ -73,6 +74,30 @@ def test_only_response_tokens_carry_sft_loss():
     assert loss(prompt_changed) == base  # targets outside assistant turns do not matter
     reply_changed = {**batch, "targets": np.where(batch["mask"] > 0, 7, batch["targets"])}
     assert loss(reply_changed) != base
+
+
+def test_sft_loss_is_the_lm_loss_chunked_or_not():
+    # task_loss for SFT (pretraining's fused weighted loss, chunked or not) against optax over full logits.
+    cfg = dataclasses.replace(CFG, vocab_size=64, block_size=16)
+    params = {"gpt": init_params(cfg, jax.random.key(0))}
+    rs = np.random.default_rng(0)
+    batch = {"tokens": rs.integers(0, 64, (3, 13)).astype(np.int32), "start": np.array([0, 4, 12], np.int32),
+             "targets": rs.integers(0, 64, (3, 13)).astype(np.int32), "weight": np.array([1, 1, 0], np.float32),
+             "mask": (rs.random((3, 13)) < 0.6).astype(np.float32)}
+
+    def reference(p):
+        logits_BxTxV, _ = GPT(cfg).apply({"params": p["gpt"]}, batch["tokens"], start_B=batch["start"])
+        ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+        mask_BxT = batch["mask"] * batch["weight"][:, None]
+        return (ce_BxT * mask_BxT).sum() / mask_BxT.sum()
+
+    want, want_grads = jax.value_and_grad(reference)(params)
+    for chunk in (0, 5):
+        got, grads = jax.value_and_grad(lambda p: task_loss(cfg, "sft", "last", jnp.ones(1), p, batch,
+                                                            loss_chunk=chunk))(params)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _run_steps(ft: FinetuneConfig, model_cfg=CFG, n_steps=7):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxgpt.config import ModelConfig
+from jaxgpt.cross_entropy import weighted_cross_entropy
 from jaxgpt.model import GPT
 
 POOLINGS = ("last", "mean")
@@ -52,19 +53,21 @@ def class_loss(logits_BxC, label_B, weight_B, class_weight_C) -> tuple[jax.Array
     return (ce_B * w_B).sum() / jnp.maximum(total, 1e-9), total
 
 
-def sft_token_losses(cfg: ModelConfig, params, batch, rng=None) -> tuple[jax.Array, jax.Array]:
-    """(sum of cross-entropy over assistant target tokens, number of them)."""
-    logits_BxTxV, _ = GPT(cfg).apply({"params": params["gpt"]}, batch["tokens"], start_B=batch["start"],
-                                     deterministic=rng is None, rngs=_rngs(rng))
-    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+def sft_token_losses(cfg: ModelConfig, params, batch, rng=None, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(sum of cross-entropy over assistant target tokens, number of them): pretraining's LM loss
+    (jaxgpt/cross_entropy.py) with the mask as weights; `loss_chunk` is train.loss_chunk."""
+    h_BxTxD, _ = GPT(cfg).apply({"params": params["gpt"]}, batch["tokens"], start_B=batch["start"],
+                                deterministic=rng is None, rngs=_rngs(rng), return_hidden=True)
     mask_BxT = batch["mask"] * batch["weight"][:, None]
-    return (ce_BxT * mask_BxT).sum(), mask_BxT.sum()
+    total = weighted_cross_entropy(h_BxTxD, params["gpt"]["wte"], batch["targets"], mask_BxT, loss_chunk)
+    return total, mask_BxT.sum()
 
 
-def task_loss(cfg: ModelConfig, task: str, pooling: str, class_weight_C, params, batch, rng=None) -> jax.Array:
+def task_loss(cfg: ModelConfig, task: str, pooling: str, class_weight_C, params, batch, rng=None,
+              loss_chunk: int = 0) -> jax.Array:
     """The scalar training loss for one batch."""
     if task == "classify":
         logits_BxC = class_logits(cfg, params, batch["tokens"], batch["start"], pooling, rng)
         return class_loss(logits_BxC, batch["label"], batch["weight"], class_weight_C)[0]
-    total, count = sft_token_losses(cfg, params, batch, rng)
+    total, count = sft_token_losses(cfg, params, batch, rng, loss_chunk)
     return total / jnp.maximum(count, 1.0)

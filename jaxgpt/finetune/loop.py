@@ -163,7 +163,7 @@ class FineTuner:
         class_w = _class_weights(ft.class_weights, task.labels, self.enc["train"].label_N) if task.task == "classify" \
             else np.ones(1, np.float32)
         self.steps = step_lib.build(cfg.model, task.task, ft.pooling, class_w, tx, lr_schedule, trainable, self.mesh,
-                                     params)
+                                     params, tc.loss_chunk)
         n_train, n_total = optim.count(params, trainable)
         print(f"jaxgpt finetune: {task.task} on {ft.source} ({len(task.train)} train / {len(task.val)} val / "
               f"{len(task.test)} test), {n_train / 1e6:.3f}M of {n_total / 1e6:.2f}M parameters trainable "
@@ -278,7 +278,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     template = conversation.for_run(run_dir)
     enc = batch_lib.encode(examples, task.task, tok, max_len, task.labels, template)
     mesh = sharding.make_mesh(cfg.mesh)
-    eval_step = jax.jit(step_lib.make_eval_step(cfg.model, task.task, cfg.finetune.pooling))
+    eval_step = jax.jit(step_lib.make_eval_step(cfg.model, task.task, cfg.finetune.pooling, cfg.train.loss_chunk))
 
     def put(batch):
         return {k: jax.device_put(v) for k, v in batch.items()}

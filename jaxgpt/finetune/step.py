@@ -29,7 +29,7 @@ State = dict[str, Any]
 
 
 def make_finetune_step(model_cfg: ModelConfig, task: str, pooling: str, class_weight_C, tx, lr_schedule,
-                       trainable) -> Callable:
+                       trainable, loss_chunk: int = 0) -> Callable:
     use_dropout = model_cfg.dropout > 0
     class_weight_C = jnp.asarray(class_weight_C, jnp.float32)
 
@@ -37,7 +37,7 @@ def make_finetune_step(model_cfg: ModelConfig, task: str, pooling: str, class_we
         rng = jax.random.fold_in(rng, state["step"])  # dropout noise is a function of (seed, step)
         params = state["params"]
         loss, grads = jax.value_and_grad(lambda p: task_loss(
-            model_cfg, task, pooling, class_weight_C, p, batch, rng if use_dropout else None))(params)
+            model_cfg, task, pooling, class_weight_C, p, batch, rng if use_dropout else None, loss_chunk))(params)
         grads = zero_frozen(grads, trainable)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         updates = jax.tree.map(lambda u: u * lr_scale, updates)
@@ -50,13 +50,13 @@ def make_finetune_step(model_cfg: ModelConfig, task: str, pooling: str, class_we
     return finetune_step
 
 
-def make_eval_step(model_cfg: ModelConfig, task: str, pooling: str) -> Callable:
+def make_eval_step(model_cfg: ModelConfig, task: str, pooling: str, loss_chunk: int = 0) -> Callable:
     """classify: (params, batch) -> logits_BxC; sft: -> (sum of token losses, token count)."""
 
     def eval_step(params, batch):
         if task == "classify":
             return class_logits(model_cfg, params, batch["tokens"], batch["start"], pooling)
-        return sft_token_losses(model_cfg, params, batch)
+        return sft_token_losses(model_cfg, params, batch, loss_chunk=loss_chunk)
 
     return eval_step
 
@@ -87,14 +87,14 @@ def state_shardings(model_cfg: ModelConfig, params, tx, mesh: Mesh) -> dict[str,
 
 
 def build(model_cfg: ModelConfig, task: str, pooling: str, class_weight_C, tx, lr_schedule, trainable,
-          mesh: Mesh, params) -> Steps:
+          mesh: Mesh, params, loss_chunk: int = 0) -> Steps:
     """The jitted steps for `params`' tree on `mesh`; the train state keeps its shardings and is donated."""
     shardings = state_shardings(model_cfg, params, tx, mesh)
     replicated = sharding.replicated(mesh)
-    step = jax.jit(make_finetune_step(model_cfg, task, pooling, class_weight_C, tx, lr_schedule, trainable),
+    step = jax.jit(make_finetune_step(model_cfg, task, pooling, class_weight_C, tx, lr_schedule, trainable, loss_chunk),
                    in_shardings=(shardings, sharding.batch_sharding(mesh), replicated, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=0)
-    evaluate = jax.jit(make_eval_step(model_cfg, task, pooling))
+    evaluate = jax.jit(make_eval_step(model_cfg, task, pooling, loss_chunk))
     return Steps(mesh, shardings, step, evaluate)
 
 
