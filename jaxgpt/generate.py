@@ -184,16 +184,39 @@ def sample_step(cfg: ModelConfig, st: DecodeState, sampling, eos_id, stop_SxM,
 
 
 def decode_loop(cfg: ModelConfig, params, state: DecodeState, start_B, limit, sampling, eos_id, n_vocab, stop_SxM,
-                ngram: int) -> DecodeState:
+                ngram: int, window: int | None = None) -> DecodeState:
     """Sample until `limit` new tokens in all, every row is done, or the cache is full. Every token is also run
-    through the model, so the returned state's cache and logits continue the text (streaming, chat turns)."""
+    through the model, so the returned state's cache and logits continue the text (streaming, chat turns).
+
+    With `window` the loop stops at cache slot `window` too and carries only the cache's first `window` slots,
+    so each step attends over (reads) those instead of the whole cache."""
 
     def body(st: DecodeState):
         new, token_B = sample_step(cfg, st, sampling, eos_id, stop_SxM, ngram)
         logits_Bx1xV, cache = forward_cached(cfg, params, token_B[:, None], st.cache, st.pos, start_B, n_vocab)
         return new._replace(cache=cache, logits_BxV=logits_Bx1xV[:, 0])
 
-    return jax.lax.while_loop(lambda st: running(st, limit), body, state)
+    S = state.seq_BxL.shape[1]
+    if window is None or window >= S:
+        return jax.lax.while_loop(lambda st: running(st, limit), body, state)
+    cut = state._replace(cache=jax.tree.map(lambda a_BxSxHxK: a_BxSxHxK[:, :window], state.cache))
+    cut = jax.lax.while_loop(lambda st: running(st, limit) & (st.pos < window), body, cut)
+    cache = jax.tree.map(lambda full, part: jax.lax.dynamic_update_slice(full, part, (0, 0, 0, 0)), state.cache,
+                         cut.cache)
+    return cut._replace(cache=cache)
+
+
+def decode_windows(P: int, length: int) -> list[int]:
+    """The cache windows one-shot decoding grows through: powers of two above the prompt, then the whole cache.
+    Decoding at batch 8 reads about as many bytes of KV cache as of weights per step, so attending only over
+    the slots written so far saves up to half of that read."""
+    windows, w = [], 64
+    while w <= P:
+        w *= 2
+    while w < length:
+        windows.append(w)
+        w *= 2
+    return windows + [length]
 
 
 def decode(cfg: ModelConfig, params, prompt_BxP, start_B, keys_B, limit, sampling, eos_id, n_vocab, stop_SxM,
@@ -202,7 +225,8 @@ def decode(cfg: ModelConfig, params, prompt_BxP, start_B, keys_B, limit, samplin
     max_new_tokens. The last token is only sampled: no forward pass computes logits nobody reads."""
     P = prompt_BxP.shape[1]
     state = prefill(cfg, params, prompt_BxP, start_B, keys_B, n_vocab, stop_SxM, P + max_new_tokens)
-    state = decode_loop(cfg, params, state, start_B, limit - 1, sampling, eos_id, n_vocab, stop_SxM, ngram)
+    for window in decode_windows(P, P + max_new_tokens):
+        state = decode_loop(cfg, params, state, start_B, limit - 1, sampling, eos_id, n_vocab, stop_SxM, ngram, window)
     last = state._replace(cache=None)  # the final step needs no cache: keep it out of the cond
     last = jax.lax.cond(running(last, limit), lambda st: sample_step(cfg, st, sampling, eos_id, stop_SxM, ngram)[0],
                         lambda st: st, last)

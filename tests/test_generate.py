@@ -97,3 +97,43 @@ def test_no_recompile_within_a_bucket(params):
 def test_prompt_too_long_is_clear(params):
     with pytest.raises(JaxgptError, match="exceeds the model's context of 64.*--max-new-tokens"):
         generate_ids(params, CFG, [[1] * 60], 10, eos_id=EOS, slide=False)
+
+
+def test_decode_windows_grow_by_powers_of_two_to_the_whole_cache():
+    from jaxgpt.generate import decode_windows
+
+    assert decode_windows(32, 160) == [64, 128, 160]
+    assert decode_windows(64, 300) == [128, 256, 300]
+    assert decode_windows(10, 50) == [50]
+    assert decode_windows(200, 1024) == [256, 512, 1024]
+
+
+def test_windowed_decoding_changes_no_token(monkeypatch):
+    # One-shot decoding attends over a growing window of the cache (64, 128, then all 170 slots here); the
+    # same request through a single whole-cache loop gives the same tokens: greedy (checked against a full
+    # recompute), sampled with top-k/top-p, left-padded rows, end-of-text and a stop sequence.
+    import jaxgpt.generate as generate
+
+    cfg = ModelConfig(vocab_size=64, block_size=256, n_layer=2, n_head=2, n_embd=32)
+    p = jax.tree.map(lambda a: a * 5 if a.ndim > 1 else a, init_params(cfg, jax.random.key(0)))
+    forward = jax.jit(lambda p, x: GPT(cfg).apply({"params": p}, x)[0])
+    prompt = [5, 17, 3, 9, 22, 40, 2, 8, 11, 30, 6]
+    ids = list(prompt)
+    for _ in range(150):  # greedy without a cache
+        padded = np.zeros((1, cfg.block_size), np.int32)
+        padded[0, :len(ids)] = ids
+        ids.append(int(np.argmax(np.asarray(forward(p, padded))[0, len(ids) - 1, :N_VOCAB])))
+    greedy = generate_ids(p, cfg, [prompt], 150, eos_id=-1, n_vocab=N_VOCAB, sampling=SamplingParams(0.0))
+    assert greedy[0] == ids[len(prompt):]
+
+    prompts = [prompt, [7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    kwargs = dict(eos_id=EOS, n_vocab=N_VOCAB, sampling=SamplingParams(0.9, 20, 0.95), seed=3, stop_ids=[[12, 13]])
+    windowed = generate_ids(p, cfg, prompts, 150, **kwargs)
+    assert max(len(row) for row in windowed) > 64, "some row decodes past the first window"
+    generate._decoder.cache_clear()
+    monkeypatch.setattr(generate, "decode_windows", lambda P, length: [length])
+    try:
+        assert generate_ids(p, cfg, prompts, 150, **kwargs) == windowed
+        assert generate_ids(p, cfg, [prompt], 150, eos_id=-1, n_vocab=N_VOCAB, sampling=SamplingParams(0.0)) == greedy
+    finally:
+        generate._decoder.cache_clear()
