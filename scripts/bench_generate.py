@@ -151,7 +151,8 @@ def bench_workload(name: str, args) -> dict:
             ttft = median(samples[w.label][f"b{b}_n1"])
             total = median(samples[w.label][f"b{b}_n{N}"])
             e[f"b{b}"] = {"ttft_s": ttft, "total_s": total, "e2e_tokens_per_s": b * N / total,
-                          "decode_tokens_per_s": b * (N - 1) / (total - ttft),
+                          # nan when noise makes the median prefill-only call the slower one (tiny runs)
+                          "decode_tokens_per_s": b * (N - 1) / (total - ttft) if total > ttft else float("nan"),
                           "first_call_s": w.ready["first_call_s"][f"b{b}_n{N}"],
                           "first_call_ttft_s": w.ready["first_call_s"][f"b{b}_n1"]}
             if w.label == "jaxgpt":

@@ -9,8 +9,9 @@
 #   GPU machine: bash scripts/gpu_check.sh             # installs wheels/ with --target if imports are missing
 #   any CPU:     bash scripts/gpu_check.sh --tiny      # (or GPU_CHECK_TINY=1) tiny sizes: proves the script runs
 #
-# Pieces: (1) train tokens/s + MFU, GPT-2 124M bf16, jaxgpt attention auto (cuDNN on NVIDIA) vs XLA at batch
-# 32 and 64, with HF PyTorch bf16-autocast eager and torch.compile at batch 32 (scripts/bench_train.py);
+# Pieces: (1) train tokens/s + MFU, GPT-2 124M bf16: jaxgpt attention auto (cuDNN on NVIDIA) vs XLA at batch
+# 32 with HF PyTorch bf16-autocast eager and torch.compile; the fused chunked loss vs full logits at batch 64
+# (scripts/bench_train.py);
 # (2) greedy decode tokens/s at batch 1/8/64 vs HF generate (scripts/bench_generate.py); (3) the Shakespeare
 # demo's wall time and validation loss; (4) tests/test_attention.py (cuDNN == XLA on the GPU) and
 # tests/test_model.py and tests/test_cross_entropy.py (chunked loss == full logits). Output folder:
@@ -71,8 +72,9 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L
 piece "train batch $B1" 130 "$PY" scripts/bench_train.py --workload "$WL" --batch "$B1" --dtype bfloat16 \
   --attention auto,xla "${TORCH[@]}" --steps "$STEPS" --rounds "$ROUNDS" --parallel-start \
   --json-out "$OUT/train_b$B1.json"
+# At the larger batch: the fused chunked LM-head loss (train.loss_chunk=128, the default) vs full logits (0).
 piece "train batch $B2" 90 "$PY" scripts/bench_train.py --workload "$WL" --batch "$B2" --dtype bfloat16 \
-  --attention auto,xla --steps "$STEPS" --rounds "$ROUNDS" --parallel-start --json-out "$OUT/train_b$B2.json"
+  --loss-chunk 0,128 --steps "$STEPS" --rounds "$ROUNDS" --parallel-start --json-out "$OUT/train_b$B2.json"
 piece decode 100 "$PY" scripts/bench_generate.py --workload "$WL" --dtype bfloat16 --batches "$GEN_BATCHES" \
   --prompt-len 32 --new-tokens "$NEW" --rounds 2 --reps 1 --parallel-start "${TORCH[@]:0:1}" \
   --json-out "$OUT/decode.json"
