@@ -31,21 +31,31 @@ def _cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array
 
 def token_cross_entropy(h_BxTxD: jax.Array, wte_VxD: jax.Array, targets_BxT: jax.Array, chunk: int = 0) -> jax.Array:
     """BxT float32 cross-entropy of each target under logits h . wte^T; chunk 0 computes all logits at once."""
-    B, T, D = h_BxTxD.shape
+    T = h_BxTxD.shape[1]
     if chunk <= 0 or chunk >= T:
         return _cross_entropy(lm_logits(h_BxTxD, wte_VxD), targets_BxT)
-    N = -(-T // chunk)
-    pad = N * chunk - T  # a ragged last chunk is padded; its padded positions are dropped below
-    h_NxBxCxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, N, chunk, D).swapaxes(0, 1)
-    targets_NxBxC = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(B, N, chunk).swapaxes(0, 1)
 
     # Remat: the backward pass recomputes each chunk's logits instead of the forward saving all of them.
     @jax.checkpoint
     def one_chunk(h_BxCxD, targets_BxC):
         return _cross_entropy(lm_logits(h_BxCxD, wte_VxD), targets_BxC)
 
-    ce_NxBxC = jax.lax.map(lambda args: one_chunk(*args), (h_NxBxCxD, targets_NxBxC))
-    return ce_NxBxC.swapaxes(0, 1).reshape(B, N * chunk)[:, :T]
+    ce_NxBxC = jax.lax.map(lambda args: one_chunk(*args), (_chunks(h_BxTxD, chunk), _chunks(targets_BxT, chunk)))
+    return _unchunk(ce_NxBxC, T)
+
+
+def _chunks(x_BxT_, chunk: int) -> jax.Array:
+    """B x T x ... -> N x B x chunk x ..., the last chunk zero-padded."""
+    B, T = x_BxT_.shape[:2]
+    N = -(-T // chunk)
+    pad = [(0, 0), (0, N * chunk - T)] + [(0, 0)] * (x_BxT_.ndim - 2)
+    return jnp.pad(x_BxT_, pad).reshape(B, N, chunk, *x_BxT_.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x_NxBxC_, T: int) -> jax.Array:
+    """N x B x chunk x ... -> B x T x ...: `_chunks` undone, the padding dropped."""
+    N, B, C = x_NxBxC_.shape[:3]
+    return x_NxBxC_.swapaxes(0, 1).reshape(B, N * C, *x_NxBxC_.shape[3:])[:, :T]
 
 
 def weighted_cross_entropy(h_BxTxD: jax.Array, wte_VxD: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
@@ -62,14 +72,6 @@ def weighted_cross_entropy(h_BxTxD: jax.Array, wte_VxD: jax.Array, targets_BxT: 
 def _fused_weighted_ce(h_BxTxD, wte_VxD, targets_BxT, weights_BxT, chunk):
     # Without differentiation: chunked logits, nothing kept.
     return (token_cross_entropy(h_BxTxD, wte_VxD, targets_BxT, chunk) * weights_BxT).sum()
-
-
-def _chunks(x_BxT_, chunk: int) -> jax.Array:
-    """B x T x ... -> N x B x chunk x ..., the last chunk zero-padded."""
-    B, T = x_BxT_.shape[:2]
-    N = -(-T // chunk)
-    pad = [(0, 0), (0, N * chunk - T)] + [(0, 0)] * (x_BxT_.ndim - 2)
-    return jnp.pad(x_BxT_, pad).reshape(B, N, chunk, *x_BxT_.shape[2:]).swapaxes(0, 1)
 
 
 def _fused_weighted_ce_fwd(h_BxTxD, wte_VxD, targets_BxT, weights_BxT, chunk):
@@ -94,9 +96,7 @@ def _fused_weighted_ce_fwd(h_BxTxD, wte_VxD, targets_BxT, weights_BxT, chunk):
 
     inputs = (_chunks(h_BxTxD, chunk), _chunks(targets_BxT, chunk), _chunks(weights_BxT, chunk))
     dwte_VxD, (ce_NxBxC, dh_NxBxCxD) = jax.lax.scan(one_chunk, jnp.zeros((V, D), jnp.float32), inputs)
-    N = ce_NxBxC.shape[0]
-    ce_BxT = ce_NxBxC.swapaxes(0, 1).reshape(B, N * chunk)[:, :T]
-    dh_BxTxD = dh_NxBxCxD.swapaxes(0, 1).reshape(B, N * chunk, D)[:, :T]
+    ce_BxT, dh_BxTxD = _unchunk(ce_NxBxC, T), _unchunk(dh_NxBxCxD, T)
     residuals = (ce_BxT, dh_BxTxD.astype(h_BxTxD.dtype), dwte_VxD.astype(wte_VxD.dtype))
     return (ce_BxT * weights_BxT).sum(), residuals
 
